@@ -1,0 +1,15 @@
+"""Search algorithms. Adding one is a module here and an entry in ``ALGORITHMS``."""
+
+from __future__ import annotations
+
+from searcher.algorithms.base import Algorithm, Request, Result
+from searcher.algorithms.baselines import RandomSearch, Uniform
+from searcher.algorithms.evolution import Evolution, parse_stages
+
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    "evo": Evolution,
+    "random": RandomSearch,
+    "uniform": Uniform,
+}
+
+__all__ = ["ALGORITHMS", "Algorithm", "Request", "Result", "parse_stages"]

@@ -1,0 +1,52 @@
+"""The ask / evaluate / tell seam between search algorithms and evaluation.
+
+An algorithm asks for candidates to be scored at some fidelity (a number of calibration
+windows), the engine scores them wherever it likes, and the algorithm is told the results.
+Algorithms see only a ``Problem`` (genes, levels, additive costs, budget): no torch, no
+models, no workers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from searcher.problem import Candidate, Problem
+
+
+@dataclass(frozen=True)
+class Request:
+    candidate: Candidate
+    windows: int  # score on the first `windows` calibration windows
+
+
+@dataclass(frozen=True)
+class Result:
+    candidate: Candidate
+    windows: int
+    kl: float  # mean KL to the dense model over those windows
+
+
+class Algorithm(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, problem: Problem, seed: int, full_windows: int) -> None:
+        self.problem = problem
+        self.rng = np.random.default_rng(seed)
+        self.full_windows = full_windows
+        self.done = False
+
+    @abstractmethod
+    def ask(self) -> list[Request]:
+        """The next batch to score; an empty list when the algorithm has nothing to ask."""
+
+    @abstractmethod
+    def tell(self, results: list[Result]) -> None:
+        """The scores of the last batch, in the order asked."""
+
+    def status(self) -> str:
+        """A few words on where the algorithm is, for progress displays."""
+        return ""

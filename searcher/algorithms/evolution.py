@@ -1,0 +1,109 @@
+"""EvoPress-style evolutionary search with multi-stage selection.
+
+One parent per generation (elitist: it competes with its offspring). Offspring come from
+level-switch mutations (lower one gene a level, raise another), repaired and filled so that
+each stays within the budget and close to it. Selection runs in stages: every offspring is
+scored on a few calibration windows, the best few of them on more windows, and so on; the
+winner of the last stage becomes the next parent. Most candidates are therefore cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from searcher.algorithms.base import Algorithm, Request, Result
+from searcher.errors import SearcherError
+from searcher.problem import Candidate, Problem
+
+DEFAULT_STAGES = ((1, 4), (4, 1))
+
+
+def parse_stages(text: str) -> tuple[tuple[int, int], ...]:
+    """``"1:4,4:1"`` -> ((1, 4), (4, 1)): windows:survivors per stage."""
+    try:
+        stages = tuple((int(w), int(s)) for w, s in (part.split(":") for part in text.split(",")))
+    except ValueError:
+        raise SearcherError(
+            f"bad --stages {text!r}: give WINDOWS:SURVIVORS per stage, e.g. 1:4,4:1"
+        ) from None
+    windows = [w for w, _ in stages]
+    survivors = [s for _, s in stages]
+    if (
+        not stages
+        or min(windows) < 1
+        or min(survivors) < 1
+        or windows != sorted(set(windows))
+        or survivors != sorted(survivors, reverse=True)
+    ):
+        raise SearcherError(
+            f"bad --stages {text!r}: windows must increase, survivors must not increase, "
+            "and all must be positive"
+        )
+    return stages
+
+
+class Evolution(Algorithm):
+    name = "evo"
+
+    def __init__(
+        self,
+        problem: Problem,
+        seed: int,
+        full_windows: int,
+        offspring: int = 16,
+        stages: Sequence[tuple[int, int]] = DEFAULT_STAGES,
+        initial: Candidate | None = None,
+        max_switches: int = 3,
+    ) -> None:
+        super().__init__(problem, seed, full_windows)
+        if stages[-1][0] != full_windows:
+            raise ValueError("the last stage must score on full_windows")
+        self.offspring = offspring
+        self.stages = tuple(stages)
+        self.max_switches = max_switches
+        start = initial if initial is not None else problem.uniform()
+        self.parent: Candidate = problem.fill(start, self.rng)
+        self.generation = 0
+        self._stage = 0
+        self._pool: list[Candidate] = [self.parent]
+
+    def _children(self) -> list[Candidate]:
+        kids: list[Candidate] = []
+        seen = {self.parent}
+        for _ in range(10 * self.offspring):  # bounded: small spaces run out of new children
+            if len(kids) == self.offspring:
+                break
+            switches = min(
+                int(self.rng.integers(1, self.max_switches + 1)),
+                int(self.rng.integers(1, self.max_switches + 1)),
+            )
+            child = self.problem.mutate(self.parent, self.rng, switches)
+            if child not in seen:
+                seen.add(child)
+                kids.append(child)
+        return kids
+
+    def ask(self) -> list[Request]:
+        if self._stage == 0 and len(self._pool) == 1:
+            children = self._children()
+            if not children:  # every mutation gives back the parent: nothing left to try
+                self.done = True
+                return []
+            self._pool = [self.parent, *children]
+        windows = self.stages[self._stage][0]
+        return [Request(c, windows) for c in self._pool]
+
+    def tell(self, results: list[Result]) -> None:
+        keep = self.stages[self._stage][1]
+        # Stable sort: ties keep the parent (listed first), so the search never drifts on ties.
+        ranked = sorted(results, key=lambda r: r.kl)
+        self._pool = [r.candidate for r in ranked[:keep]]
+        self._stage += 1
+        if self._stage == len(self.stages):
+            self.parent = self._pool[0]
+            self._pool = [self.parent]
+            self._stage = 0
+            self.generation += 1
+
+    def status(self) -> str:
+        return f"generation {self.generation + 1}"

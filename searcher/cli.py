@@ -1,0 +1,187 @@
+"""The ``searcher`` command. Only this module writes to the console."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from searcher.errors import SearcherError
+from searcher.spec import PRESETS, RunSpec
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit status 2, no usage dump
+        self.exit(2, f"searcher: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _space_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="searcher", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="search per-layer allocations under a budget")
+    s = argparse.SUPPRESS
+    r.add_argument("--config", default=s, help="YAML/JSON file of run settings (flags win)")
+    r.add_argument("--model", default=s, help="local HF model directory (default: embedded)")
+    r.add_argument("--data", default=s, help=".txt or .jsonl calibration text (default: pydoc)")
+    r.add_argument("--space", default=s, help="width | depth | sparsity (default width)")
+    r.add_argument(
+        "--space-option", dest="space_options", action="append", type=_space_option, default=s,
+        metavar="KEY=VALUE", help="space setting, e.g. mlp_steps=8 (repeatable)",
+    )  # fmt: skip
+    r.add_argument("--budget", default=s, help="e.g. flops=0.5 or params=0.6,flops=0.5")
+    r.add_argument("--algo", default=s, help="evo | random | uniform (default evo)")
+    r.add_argument("--seed", type=int, default=s)
+    r.add_argument("--preset", default=s, choices=sorted(PRESETS), help="default: default")
+    r.add_argument("--evals", type=float, default=s,
+                   help="search budget in full-fidelity-equivalent evaluations")  # fmt: skip
+    r.add_argument("--offspring", type=int, default=s, help="evo: offspring per generation")
+    r.add_argument("--stages", default=s, help="evo: WINDOWS:SURVIVORS per stage, e.g. 1:4,4:1")
+    r.add_argument("--random-batch", type=int, default=s, help="random: candidates per batch")
+    r.add_argument("--seq-len", type=int, default=s, help="tokens per window")
+    r.add_argument("--importance-windows", type=int, default=s)
+    r.add_argument("--validation-windows", type=int, default=s)
+    r.add_argument("--batch-size", type=int, default=s, help="windows per forward pass")
+    r.add_argument("--device", default=s, help="cpu | cuda | cuda:N (default cpu)")
+    r.add_argument("--dtype", default=s, help="float32 | bfloat16 | float16 (default float32)")
+    r.add_argument("--threads", type=int, default=s, help="torch threads (default: all cores)")
+    r.add_argument("--out", default=s, help="run directory (default results/<run-id>)")
+    r.add_argument("--trust-remote-code", action="store_true", default=s,
+                   help="allow the model directory's own Python code to run")  # fmt: skip
+
+    e = sub.add_parser("eval", help="score a saved config (best.json or pareto.json) on text")
+    e.add_argument("config", help="best.json, or pareto.json with --pick")
+    e.add_argument("--data", help=".txt or .jsonl (default: the run's validation windows)")
+    e.add_argument("--pick", type=int, help="entry of pareto.json (default 0)")
+    e.add_argument("--windows", type=int, default=8, help="max windows of --data to score")
+    e.add_argument("--model", help="model directory, if it moved since the run")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", help="default: the run's dtype")
+    e.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    e.add_argument("--trust-remote-code", action="store_true")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _run(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )  # fmt: skip
+    from rich.table import Table
+
+    from searcher.run import run
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "config")}
+    if "space_options" in given:
+        given["space_options"] = dict(given["space_options"])
+    base = RunSpec.from_file(args.config).to_dict() if "config" in args else {}
+    spec = RunSpec.from_dict({**base, **given}).resolved()
+    console = Console(stderr=True)
+    columns = (
+        TextColumn("[bold]{task.description}"), BarColumn(),
+        TextColumn("{task.completed:.1f}/{task.total:.0f} evals"),
+        TextColumn("{task.fields[trials]} trials"), TextColumn("best KL {task.fields[best]}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+    )  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("loading", total=spec.evals, trials=0, best="-")
+
+        def on_phase(text: str) -> None:
+            bar.update(task, description=text)
+
+        def on_progress(p) -> None:
+            best = "-" if p.best_kl is None else f"{p.best_kl:.4f}"
+            bar.update(task, description=p.status, completed=min(p.spent, p.budget),
+                       total=p.budget, trials=p.trials, best=best)  # fmt: skip
+
+        result = run(spec, on_progress=on_progress, on_phase=on_phase)
+    b = result.best
+    table = Table(title="searcher run", show_header=False)
+    table.add_row("budget", b["budget"])
+    for metric, frac in b["fractions"].items():
+        table.add_row(metric, f"{frac:.4f} of dense ({b['costs'][metric]:.4g})")
+    table.add_row(
+        "calibration KL", f"{b['calibration']['kl']:.4f} ({b['calibration']['windows']} windows)"
+    )
+    v = b["validation"]
+    table.add_row("validation KL", f"{v['kl']:.4f} ({v['windows']} windows)")
+    table.add_row("validation ppl", f"{v['ppl']:.2f} (dense {v['dense_ppl']:.2f})")
+    table.add_row("trials / evals", f"{result.trials} / {result.evals:.1f}")
+    table.add_row("wall time", f"{result.seconds:.0f} s")
+    table.add_row("results", str(result.out))
+    Console().print(table)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from searcher.run import evaluate_config
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    res = evaluate_config(
+        args.config, data_source=args.data, pick=args.pick, windows=args.windows,
+        model=args.model, device=args.device, dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return
+    fr = ", ".join(f"{k} {v:.4f}" for k, v in res["fractions"].items())
+    print(f"{res['config']} on {res['data']} ({res['windows']}x{res['seq_len']} tokens)")
+    print(f"  KL to dense {res['kl']:.4f}   ppl {res['ppl']:.2f} (dense {res['dense_ppl']:.2f})")
+    print(f"  cost: {fr} of dense")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        _quiet_libraries()
+        if args.command == "run":
+            _run(args)
+        else:
+            _eval(args)
+    except SearcherError as exc:
+        print(f"searcher: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("searcher: interrupted; every completed evaluation is in the run directory's "
+              "trials.jsonl", file=sys.stderr)  # fmt: skip
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

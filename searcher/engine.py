@@ -1,0 +1,134 @@
+"""The search loop: ask, score (with caching and incremental fidelity), tell, record."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from searcher.algorithms.base import Algorithm, Request, Result
+from searcher.pool import Job, Pool
+from searcher.problem import Candidate, Problem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Trial:
+    """Everything known about one candidate. Scores are per calibration window, so raising a
+    candidate's fidelity scores only the windows it has not seen yet."""
+
+    number: int
+    candidate: Candidate
+    costs: dict[str, float]
+    fractions: dict[str, float]
+    feasible: bool
+    origin: str
+    kl: list[float] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def windows(self) -> int:
+        return len(self.kl)
+
+    def fitness(self, windows: int | None = None) -> float:
+        """Mean KL over the first ``windows`` windows (all scored windows by default)."""
+        return float(np.mean(self.kl[: windows or len(self.kl)]))
+
+
+@dataclass
+class Progress:
+    spent: float  # full-fidelity-equivalent evaluations used
+    budget: float
+    trials: int
+    best_kl: float | None
+    status: str
+
+
+class Engine:
+    def __init__(
+        self,
+        problem: Problem,
+        algorithm: Algorithm,
+        pool: Pool,
+        max_evals: float,
+        record: Callable[[Trial], None] = lambda trial: None,
+        on_progress: Callable[[Progress], None] = lambda progress: None,
+    ) -> None:
+        self.problem = problem
+        self.algorithm = algorithm
+        self.pool = pool
+        self.full = algorithm.full_windows
+        self.max_windows = max_evals * self.full
+        self.record = record
+        self.on_progress = on_progress
+        self.trials: dict[Candidate, Trial] = {}
+        self.spent_windows = 0
+        self.max_stalled = 20
+
+    def run(self) -> dict[Candidate, Trial]:
+        stalled = 0
+        while not self.algorithm.done and self.spent_windows < self.max_windows:
+            requests = self.algorithm.ask()
+            if not requests:
+                break
+            before = self.spent_windows
+            self.algorithm.tell(self.evaluate(requests))
+            self._progress()
+            # An algorithm that only re-asks what is scored already has converged (or its
+            # space is exhausted): stop rather than loop without spending the budget.
+            stalled = stalled + 1 if self.spent_windows == before else 0
+            if stalled >= self.max_stalled:
+                log.info("stopping: %d batches in a row asked nothing new", stalled)
+                break
+        return self.trials
+
+    def evaluate(self, requests: list[Request]) -> list[Result]:
+        wanted: dict[Candidate, int] = {}
+        for req in requests:
+            wanted[req.candidate] = max(req.windows, wanted.get(req.candidate, 0))
+        jobs, owners = [], []
+        for candidate, windows in wanted.items():
+            trial = self._trial(candidate)
+            if trial.windows < windows:
+                jobs.append(Job(candidate, trial.windows, windows))
+                owners.append(trial)
+        for trial, outcome in zip(owners, self.pool.run(jobs), strict=True):
+            trial.kl.extend(outcome.kl.tolist())
+            trial.nll.extend(outcome.nll.tolist())
+            trial.seconds += outcome.seconds
+            self.spent_windows += len(outcome.kl)
+            self.record(trial)
+        return [Result(r.candidate, r.windows, self.trials[r.candidate].fitness(r.windows))
+                for r in requests]  # fmt: skip
+
+    def _trial(self, candidate: Candidate) -> Trial:
+        if candidate not in self.trials:
+            self.trials[candidate] = Trial(
+                number=len(self.trials),
+                candidate=candidate,
+                costs=self.problem.cost(candidate),
+                fractions=self.problem.fractions(candidate),
+                feasible=self.problem.feasible(candidate),
+                origin=self.algorithm.status(),
+            )
+        return self.trials[candidate]
+
+    def best(self) -> Trial | None:
+        full = [t for t in self.trials.values() if t.windows >= self.full and t.feasible]
+        return min(full, key=lambda t: t.fitness(self.full), default=None)
+
+    def _progress(self) -> None:
+        best = self.best()
+        self.on_progress(
+            Progress(
+                spent=self.spent_windows / self.full,
+                budget=self.max_windows / self.full,
+                trials=len(self.trials),
+                best_kl=None if best is None else best.fitness(self.full),
+                status=self.algorithm.status(),
+            )
+        )

@@ -1,0 +1,328 @@
+"""A whole search run, and scoring a saved config: the functions behind the CLI."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import spaces
+from searcher import data, models
+from searcher.algorithms import ALGORITHMS, parse_stages
+from searcher.algorithms.baselines import RandomSearch
+from searcher.algorithms.evolution import Evolution
+from searcher.budget import Budget
+from searcher.engine import Engine, Progress, Trial
+from searcher.errors import SearcherError
+from searcher.fitness import Evaluator
+from searcher.pool import LocalPool
+from searcher.problem import Problem
+from searcher.results import front, plot_front, trials_frame, write_json
+from searcher.spec import RunSpec
+from searcher.store import TrialLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    out: Path
+    best: dict[str, Any]
+    trials: int
+    evals: float
+    seconds: float
+
+
+@dataclass
+class Session:
+    """A loaded model with its calibration windows and a space built over it."""
+
+    loaded: models.LoadedModel
+    windows: data.Windows
+    space: spaces.SearchSpace
+    importance_windows: int
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("searcher", "torch", "transformers", "numpy", "pandas"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def hardware(device: str, threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": torch.get_num_threads(), "threads": threads}
+    info["device"] = device
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def open_session(
+    model: str | None, data_source: str | None, space: str, space_options: dict[str, Any],
+    seq_len: int, calibration: int, validation: int, importance: int,
+    batch_size: int, device: str, dtype: str, trust_remote_code: bool,
+) -> Session:  # fmt: skip
+    """Load the model, cut the windows and build the space: shared by run and eval."""
+    if space not in spaces.SPACES:
+        raise SearcherError(f"unknown space {space!r}: choose one of {', '.join(spaces.SPACES)}")
+    text = data.read_text(data_source)  # before the model: bad data fails fast
+    loaded = models.load(model, device, dtype, trust_remote_code)
+    structure = spaces.Structure.of(loaded.model)
+    win = data.windows(loaded.tokenizer, text, seq_len, calibration, validation)
+    built = spaces.build(
+        space, structure, seq_len, win.calibration[:importance], batch_size, space_options
+    )
+    return Session(loaded, win, built, importance)
+
+
+def problem_for(space: spaces.SearchSpace, budget: Budget) -> Problem:
+    return Problem(
+        n_levels=space.n_levels,
+        costs=space.cost_tables(),
+        budget=budget,
+        keep=tuple(g.keep for g in space.genes),
+        space_name=space.name,
+    )
+
+
+def config_header(session: Session, spec: RunSpec) -> dict[str, Any]:
+    """What identifies the model, space and data a config belongs to (to rebuild it)."""
+    return {
+        "searcher": versions()["searcher"],
+        "model": session.loaded.identity,
+        "dtype": spec.dtype,
+        "space": {"name": session.space.name, "options": session.space.options()},
+        "data": {**session.windows.spec, "importance_windows": session.importance_windows},
+        "budget": spec.budget,
+    }
+
+
+def entry(space: spaces.SearchSpace, trial: Trial, full: int) -> dict[str, Any]:
+    return {
+        "genes": list(trial.candidate),
+        "config": space.describe(trial.candidate),
+        "costs": trial.costs,
+        "fractions": trial.fractions,
+        "feasible": trial.feasible,
+        "calibration": {"kl": trial.fitness(full), "windows": full},
+        "trial": trial.number,
+    }
+
+
+def _default_out(spec: RunSpec) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("results") / f"{spec.space}-{Budget.parse(spec.budget).slug()}-{spec.algo}-{stamp}"
+
+
+def run(
+    spec: RunSpec,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_phase: Callable[[str], None] = lambda text: None,
+) -> RunResult:
+    """Search per-layer allocations for ``spec`` and write the run directory."""
+    t_start = time.perf_counter()
+    spec = spec.resolved()
+    budget = Budget.parse(spec.budget)
+    if spec.algo not in ALGORITHMS:
+        raise SearcherError(f"unknown --algo {spec.algo!r}: choose one of {', '.join(ALGORITHMS)}")
+    stages = parse_stages(spec.stages)
+    full = stages[-1][0]
+    torch.set_num_threads(spec.threads)
+    out = Path(spec.out) if spec.out else _default_out(spec)
+    if out.exists() and any(out.iterdir()):
+        raise SearcherError(f"run directory {out} exists and is not empty: pick another --out")
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    on_phase("loading model, scoring importance")
+    session = open_session(
+        spec.model, spec.data, spec.space, spec.space_options, spec.seq_len,
+        max(full, spec.importance_windows), spec.validation_windows, spec.importance_windows,
+        spec.batch_size, spec.device, spec.dtype, spec.trust_remote_code,
+    )  # fmt: skip
+    timings["load_and_importance"] = time.perf_counter() - t0
+    space = session.space
+    problem = problem_for(space, budget)
+
+    t0 = time.perf_counter()
+    on_phase("dense reference")
+    evaluator = Evaluator(
+        session.loaded.model, session.windows.calibration[:full], space.apply, space.dense(),
+        spec.batch_size,
+    )  # fmt: skip
+    timings["dense_reference"] = time.perf_counter() - t0
+
+    if spec.algo == Evolution.name:
+        algorithm = Evolution(problem, spec.seed, full, spec.offspring, stages)
+    elif spec.algo == RandomSearch.name:
+        algorithm = RandomSearch(problem, spec.seed, full, spec.random_batch)
+    else:
+        algorithm = ALGORITHMS[spec.algo](problem, spec.seed, full)
+
+    out.mkdir(parents=True, exist_ok=True)
+    header = config_header(session, spec)
+    run_info: dict[str, Any] = {
+        "spec": spec.to_dict(),
+        "status": "running",
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "versions": versions(),
+        "hardware": hardware(spec.device, spec.threads),
+        "model": session.loaded.identity,
+        "data": header["data"],
+        "dense": {k: t.dense() for k, t in problem.costs.items()},
+    }
+    write_json(out / "run.json", run_info)
+    trial_log = TrialLog(out / "trials.jsonl")
+    engine = Engine(
+        problem, algorithm, LocalPool(evaluator), spec.evals, trial_log.append,
+        on_progress or (lambda p: None),
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        engine.run()
+    finally:
+        trial_log.close()
+    timings["search"] = time.perf_counter() - t0
+    best = engine.best()
+    if best is None:
+        raise SearcherError("the search scored no candidate at full fidelity: raise --evals")
+
+    t0 = time.perf_counter()
+    on_phase("validating best")
+    validator = Evaluator(
+        session.loaded.model, session.windows.validation, space.apply, space.dense(),
+        spec.batch_size,
+    )  # fmt: skip
+    val = validator.score(best.candidate, 0, validator.n_windows)
+    timings["validation"] = time.perf_counter() - t0
+
+    on_phase("writing results")
+    trials = sorted(engine.trials.values(), key=lambda t: t.number)
+    fidelities = sorted({w for w, _ in stages})
+    trials_frame(trials, fidelities).to_parquet(out / "trials.parquet", index=False)
+    front_trials = front(trials, full)
+    write_json(
+        out / "pareto.json",
+        {**header, "objectives": ["flops", "kl"],
+         "front": [entry(space, t, full) for t in front_trials]},
+    )  # fmt: skip
+    best_payload = {
+        **header,
+        **entry(space, best, full),
+        "validation": {
+            "kl": float(val.kl.mean()),
+            "ppl": math.exp(float(val.nll.mean())),
+            "dense_ppl": math.exp(float(validator.dense_scores.nll.mean())),
+            "windows": validator.n_windows,
+        },
+        "algorithm": spec.algo,
+        "seed": spec.seed,
+    }
+    write_json(out / "best.json", best_payload)
+    plot_front(
+        out / "pareto.png", trials, front_trials, full, best, budget.limits,
+        f"{session.loaded.identity['source']} · {space.name} · {budget.text} · {spec.algo}",
+    )  # fmt: skip
+    seconds = time.perf_counter() - t_start
+    timings["total"] = seconds
+    run_info.update(
+        status="complete",
+        finished=dt.datetime.now().isoformat(timespec="seconds"),
+        timings={k: round(v, 2) for k, v in timings.items()},
+        trials=len(trials),
+        evals=round(engine.spent_windows / full, 3),
+        full_windows=full,
+    )
+    write_json(out / "run.json", run_info)
+    return RunResult(out, best_payload, len(trials), engine.spent_windows / full, seconds)
+
+
+def evaluate_config(
+    path: str, data_source: str | None = None, pick: int | None = None, windows: int = 8,
+    model: str | None = None, device: str = "cpu", dtype: str | None = None,
+    batch_size: int = 4, trust_remote_code: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Score a saved config (best.json, or one entry of pareto.json) on any text."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SearcherError(f"cannot read config {path}: {exc}") from None
+    if not isinstance(config, dict) or "space" not in config or "model" not in config:
+        raise SearcherError(f"{path} is not a searcher config (best.json or pareto.json)")
+    if "front" in config:
+        if pick is None:
+            pick = 0
+        if not 0 <= pick < len(config["front"]):
+            raise SearcherError(f"--pick {pick}: {path} has {len(config['front'])} entries")
+        config = {**config, **config["front"][pick]}
+    elif pick is not None:
+        raise SearcherError(f"--pick applies to pareto.json; {path} holds a single config")
+    d = config["data"]
+    source = model or config["model"]["source"]
+    if source.startswith(f"{models.EMBEDDED}:"):
+        source = None
+    session = open_session(
+        source, d["source"], config["space"]["name"], config["space"]["options"], d["seq_len"],
+        max(d["calibration_windows"], d["importance_windows"]), d["validation_windows"],
+        d["importance_windows"], batch_size, device, dtype or config.get("dtype", "float32"),
+        trust_remote_code,
+    )  # fmt: skip
+    if not models.same_model(session.loaded.identity, config["model"]):
+        raise SearcherError(
+            f"{path} was made for model {config['model']['source']} (fingerprint "
+            f"{config['model']['fingerprint']}), not for {session.loaded.identity['source']} "
+            f"({session.loaded.identity['fingerprint']}): pass --model with the right model"
+        )
+    if session.windows.spec["sha256"] != d["sha256"]:
+        raise SearcherError(
+            f"the calibration text {d['source']} has changed since the run, so the neurons "
+            "and masks it chose cannot be rebuilt"
+        )
+    space = session.space
+    candidate = tuple(config["genes"])
+    if len(candidate) != len(space.genes) or any(
+        not 0 <= g < n for g, n in zip(candidate, space.n_levels)
+    ):
+        raise SearcherError(f"{path} does not fit the {space.name} space of this model")
+    if json.loads(json.dumps(space.describe(candidate))) != config["config"]:
+        raise SearcherError(f"rebuilding {path} chose different units than the run did")
+    if data_source is None:
+        ids, where = session.windows.validation, f"validation windows of {d['source']}"
+    else:
+        ids = data.eval_windows(session.loaded.tokenizer, data_source, d["seq_len"], windows)
+        where = data_source
+    evaluator = Evaluator(session.loaded.model, ids, space.apply, space.dense(), batch_size)
+    scores = evaluator.score(candidate, 0, evaluator.n_windows)
+    costs = problem_for(space, Budget.parse(config["budget"])).fractions(candidate)
+    return {
+        "config": path,
+        "data": where,
+        "windows": evaluator.n_windows,
+        "seq_len": d["seq_len"],
+        "kl": float(scores.kl.mean()),
+        "ppl": math.exp(float(scores.nll.mean())),
+        "dense_ppl": math.exp(float(evaluator.dense_scores.nll.mean())),
+        "fractions": costs,
+    }

@@ -1,0 +1,117 @@
+"""Sparsity: per linear layer, an unstructured sparsity level on an EvoPress-style grid.
+
+The mask is Wanda's: weights are ranked within each output row by |W_ij| * ||X_j||_2, with
+||X_j|| the norm of input feature j over the calibration tokens, and a level of sparsity s
+zeroes the floor(s * in_features) lowest-ranked weights of every row. Ranks are computed once;
+applying a candidate rewrites only the layers whose level changed.
+
+Unstructured zeros do not make dense kernels faster, so FLOPs are reported as dense; what the
+budget limits is the kept ("nonzero") share of the prunable weights (``sparsity=R`` means at
+least R of them are zero) or the whole model's parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from latency_models.table import CostTable
+from spaces.base import Gene, SearchSpace, attention_costs, fixed_costs, mlp_costs
+from spaces.importance import input_statistics
+from spaces.structure import ATTN_PROJ, MLP_PROJ, Structure
+
+PROJ = ATTN_PROJ + MLP_PROJ
+
+
+class SparsitySpace(SearchSpace):
+    name = "sparsity"
+
+    def __init__(
+        self,
+        structure: Structure,
+        seq_len: int,
+        windows: torch.Tensor,
+        batch_size: int = 4,
+        step: float = 0.1,
+        max_sparsity: float = 0.9,
+    ) -> None:
+        super().__init__(structure, seq_len)
+        n = int(round(max_sparsity / step))
+        if n < 1 or not 0 < max_sparsity < 1:
+            raise ValueError("need 0 < step <= max_sparsity < 1")
+        self.step, self.max_sparsity = step, max_sparsity
+        self.sparsities = tuple(round(step * k, 6) for k in range(n, -1, -1))
+        self.linears = [(layer, p) for layer in structure.layers for p in PROJ]
+        self.genes = tuple(
+            Gene(
+                layer.linear_name(p),
+                "linear",
+                self.sparsities,
+                tuple(1.0 - x for x in self.sparsities),
+            )  # fmt: skip
+            for layer, p in self.linears
+        )
+        modules = {layer.linear_name(p): layer.linear(p) for layer, p in self.linears}
+        stats = input_statistics(structure.model, modules, windows, batch_size)
+        self._dense: list[torch.Tensor] = []
+        self._rank: list[torch.Tensor] = []
+        for layer, p in self.linears:
+            w = layer.linear(p).weight.detach()
+            score = w.abs().double() * stats[layer.linear_name(p)]["l2"][None, :].to(w.device)
+            order = torch.argsort(score, dim=1, stable=True)
+            rank_dtype = torch.int16 if w.shape[1] < 2**15 else torch.int32
+            rank = torch.empty_like(order, dtype=rank_dtype)
+            cols = torch.arange(w.shape[1], device=w.device, dtype=rank_dtype)
+            rank.scatter_(1, order, cols.expand_as(order).contiguous())
+            self._rank.append(rank)
+            self._dense.append(w.clone())
+        self._applied = list(self.dense())
+
+    def _zeroed(self, gi: int, level: int) -> int:
+        """Weights zeroed per output row of gene gi's linear at this level."""
+        in_features = self._dense[gi].shape[1]
+        return int(self.sparsities[level] * in_features + 1e-9)
+
+    def apply(self, candidate: Sequence[int]) -> None:
+        with torch.no_grad():
+            for gi, level in enumerate(candidate):
+                if self._applied[gi] == level:
+                    continue
+                layer, p = self.linears[gi]
+                k = self._zeroed(gi, level)
+                torch.mul(self._dense[gi], self._rank[gi] >= k, out=layer.linear(p).weight.data)
+                self._applied[gi] = level
+
+    def cost_tables(self) -> dict[str, CostTable]:
+        s = self.structure
+        fixed = fixed_costs(s, self.seq_len)
+        dense_blocks = [
+            cost(s, layer.index, width, self.seq_len)
+            for layer in s.layers
+            for cost, width in ((attention_costs, s.kv_heads), (mlp_costs, s.intermediate))
+        ]
+        flops = fixed["flops"] + sum(f for f, _ in dense_blocks)
+        biases = sum(
+            layer.linear(p).bias.numel() for layer, p in self.linears
+            if layer.linear(p).bias is not None
+        )  # fmt: skip
+        nonzero = []
+        for gi in range(len(self.genes)):
+            rows, cols = self._dense[gi].shape
+            nonzero.append(
+                [rows * (cols - self._zeroed(gi, lv)) for lv in range(len(self.sparsities))]
+            )
+        zeros = [[0.0] * len(self.sparsities) for _ in self.genes]
+        return {
+            "flops": CostTable.build("flops", flops, zeros),
+            "params": CostTable.build("params", fixed["params"] + biases, nonzero),
+            "nonzero": CostTable.build("nonzero", 0.0, nonzero),
+        }
+
+    def describe(self, candidate: Sequence[int]) -> dict[str, dict[str, Any]]:
+        return {g.name: {"sparsity": g.values[lv]} for g, lv in zip(self.genes, candidate)}
+
+    def options(self) -> dict[str, Any]:
+        return {"step": self.step, "max_sparsity": self.max_sparsity}

@@ -1,0 +1,64 @@
+"""Tiny randomly initialised models built from configs, and a tokenizer trained here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def tiny_config(kind: str = "llama", **overrides):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=320,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    common.update(overrides)
+    return Qwen2Config(**common) if kind == "qwen2" else LlamaConfig(**common)
+
+
+def tiny_model(kind: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, **overrides), dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init, so pruning visibly hurts
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model.eval().requires_grad_(False)
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE trained on CPython's pydoc topics: real subword tokens, no download."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = [topics[k] for k in sorted(topics)][:60]
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def save_tiny(path: Path, kind: str = "llama", seed: int = 0) -> Path:
+    tiny_model(kind, seed).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,192 @@
+"""Sparsity space: exact cost accounting, Wanda masks, reversibility, apply == materialize."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import spaces
+from tests.helpers import tiny_model
+
+SEQ = 32
+KINDS = ["llama", "qwen2"]
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def counted_flops(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    model.set_attn_implementation("eager")  # attention scores as plain, counted matmuls
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(input_ids=ids, use_cache=False)
+    return counter.get_total_flops()
+
+
+def candidates(space, seed: int, n: int = 2) -> list[tuple[int, ...]]:
+    rng = np.random.default_rng(seed)
+    out = [space.dense(), (0,) * len(space.genes)]
+    out += [tuple(int(rng.integers(0, k)) for k in space.n_levels) for _ in range(n)]
+    return out
+
+
+def input_norms(model, modules: dict[str, torch.nn.Module], windows, batch_size=4):
+    """L2 norm over all calibration tokens of each input feature of each module."""
+    sq: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(_m, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sq[name] = sq.get(name, 0) + x.square().sum(0)
+
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    with torch.inference_mode():
+        for i in range(0, len(windows), batch_size):
+            model(input_ids=windows[i : i + batch_size], use_cache=False)
+    for h in handles:
+        h.remove()
+    return {n: v.sqrt() for n, v in sq.items()}
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def built(request):
+    model = tiny_model(request.param)
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, model.config.vocab_size, (4, SEQ), generator=g)
+    reference = logits(model, windows)
+    structure = spaces.Structure.of(model)
+    modules = {layer.linear_name(p): layer.linear(p) for layer in structure.layers for p in PROJ}
+    norms = input_norms(model, modules, windows)
+    dense = {n: m.weight.detach().clone() for n, m in modules.items()}
+    space = spaces.build("sparsity", structure, SEQ, windows)
+    return SimpleNamespace(
+        kind=request.param,
+        model=model,
+        structure=structure,
+        windows=windows,
+        reference=reference,
+        norms=norms,
+        dense=dense,
+        space=space,
+    )
+
+
+def zeros_expected(sparsity: float, in_features: int) -> int:
+    return math.floor(sparsity * in_features + 1e-9)
+
+
+def test_genes_and_grid(built) -> None:
+    space, s = built.space, built.structure
+    assert len(space.genes) == len(PROJ) * len(s.layers)
+    assert space.genes[0].values == pytest.approx([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0])
+    assert space.genes[0].keep == pytest.approx([1 - x for x in space.genes[0].values])
+    assert all(w.count_nonzero() == w.numel() for w in built.dense.values())  # no dense zeros
+
+
+def test_costs_match_flop_counter_and_counted_nonzeros(built) -> None:
+    space = built.space
+    tables = space.cost_tables()
+    prunable = {f"{g.name}.weight" for g in space.genes}
+    for c in candidates(space, seed=1, n=4):
+        pruned = space.materialize(c)
+        assert counted_flops(pruned, built.windows[:1]) == tables["flops"].cost(c), c
+        named = dict(pruned.named_parameters())
+        assert prunable <= set(named)
+        nonzero = sum(int(named[n].count_nonzero()) for n in prunable)
+        assert nonzero == tables["nonzero"].cost(c), c
+        rest = sum(p.numel() for n, p in named.items() if n not in prunable)
+        assert rest + nonzero == tables["params"].cost(c), c
+    dense_nonzero = sum(w.numel() for w in built.dense.values())
+    assert tables["nonzero"].dense() == dense_nonzero
+    assert tables["params"].dense() == sum(p.numel() for p in built.model.parameters())
+    # FLOPs do not depend on the candidate: unstructured zeros are not faster.
+    assert tables["flops"].minimum() == tables["flops"].dense()
+
+
+def test_rows_have_exactly_the_level_s_zeros_at_the_lowest_scores(built) -> None:
+    space, s = built.space, built.structure
+    checked = set()
+    for c in candidates(space, seed=2, n=3)[1:]:
+        space.apply(c)
+        for gi, gene in enumerate(space.genes):
+            layer = s.layers[gi // len(PROJ)]
+            weight = layer.linear(PROJ[gi % len(PROJ)]).weight.detach()
+            assert gene.name == layer.linear_name(PROJ[gi % len(PROJ)])
+            sparsity = gene.values[c[gi]]
+            rows, cols = weight.shape
+            k = zeros_expected(sparsity, cols)
+            zero = weight == 0
+            assert torch.equal(zero.sum(1), torch.full((rows,), k)), (gene.name, sparsity)
+            # Non-zero entries keep their dense values.
+            dense = built.dense[gene.name]
+            assert torch.equal(weight[~zero], dense[~zero])
+            # The zeros are the k lowest of |W| * ||X|| in every row.
+            if 0 < k < cols:
+                score = dense.abs().double() * built.norms[gene.name][None, :]
+                assert (
+                    score.masked_fill(~zero, -1).amax(1) <= score.masked_fill(zero, 1e30).amin(1)
+                ).all()
+            checked.add((weight.shape[1], k))
+    assert len(checked) > 5
+    space.apply(space.dense())
+
+
+def test_dense_restores_the_original_weights_and_logits(built) -> None:
+    space, s = built.space, built.structure
+    for c in candidates(space, seed=3)[1:]:
+        space.apply(c)
+        changed = not torch.allclose(logits(built.model, built.windows), built.reference, atol=1e-3)
+        assert changed or c == space.dense()
+    space.apply(space.dense())
+    for layer in s.layers:
+        for p in PROJ:
+            assert torch.equal(layer.linear(p).weight, built.dense[layer.linear_name(p)])
+    torch.testing.assert_close(
+        logits(built.model, built.windows), built.reference, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_apply_matches_materialize(built) -> None:
+    space = built.space
+    for c in candidates(space, seed=4)[1:]:
+        space.apply(c)
+        resident = logits(built.model, built.windows)
+        pruned = space.materialize(c)
+        torch.testing.assert_close(logits(pruned, built.windows), resident, atol=1e-5, rtol=1e-5)
+        for gi, gene in enumerate(space.genes):
+            w = pruned.get_submodule(gene.name).weight
+            k = zeros_expected(gene.values[c[gi]], w.shape[1])
+            assert int((w == 0).sum()) == k * w.shape[0]
+    space.apply(space.dense())
+
+
+def test_apply_is_absolute_not_relative(built) -> None:
+    space = built.space
+    _, _, a, b, c = candidates(space, seed=5, n=3)
+    space.apply(a)
+    space.apply(b)
+    space.apply(c)
+    via = logits(built.model, built.windows)
+    space.apply(space.dense())
+    space.apply(c)
+    direct = logits(built.model, built.windows)
+    space.apply(space.dense())
+    assert torch.equal(via, direct)
+
+
+def test_describe(built) -> None:
+    space = built.space
+    c = candidates(space, seed=6)[2]
+    desc = space.describe(c)
+    assert [desc[g.name]["sparsity"] for g in space.genes] == [
+        g.values[lv] for g, lv in zip(space.genes, c)
+    ]

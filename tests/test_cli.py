@@ -1,0 +1,144 @@
+"""The CLI end to end on a tiny Llama, and one-line errors with exit status 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from searcher.cli import main
+from searcher.pareto import pareto_front
+
+TINY = ["--seq-len", "32", "--importance-windows", "2", "--validation-windows", "2",
+        "--offspring", "4", "--stages", "1:2,2:1", "--threads", "1"]  # fmt: skip
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_dir: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "r"
+    code = main(["run", "--model", str(tiny_dir), "--budget", "flops=0.6", "--evals", "6",
+                 "--out", str(out), *TINY])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def test_run_writes_every_output(tiny_run: Path) -> None:
+    for name in ("trials.parquet", "pareto.json", "best.json", "run.json", "pareto.png"):
+        assert (tiny_run / name).is_file(), name
+    assert (tiny_run / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    run = json.loads((tiny_run / "run.json").read_text())
+    assert run["status"] == "complete"
+    assert run["spec"]["budget"] == "flops=0.6"
+    assert {"torch", "transformers"} <= set(run["versions"])
+    trials = pd.read_parquet(tiny_run / "trials.parquet")
+    assert len(trials) == run["trials"] and len(trials) > 4
+    assert {"genes", "flops", "params", "kl@1", "kl@2", "seconds"} <= set(trials.columns)
+    assert trials["flops_fraction"].max() <= 0.6 + 1e-9  # evo only proposes feasible candidates
+
+
+def test_best_is_the_best_full_fidelity_trial_and_meets_budget(tiny_run: Path) -> None:
+    best = json.loads((tiny_run / "best.json").read_text())
+    trials = pd.read_parquet(tiny_run / "trials.parquet")
+    full = trials[trials["windows"] >= 2]
+    assert best["calibration"]["kl"] == pytest.approx(full["kl@2"].min())
+    assert best["fractions"]["flops"] <= 0.6
+    assert best["validation"]["windows"] == 2 and best["validation"]["kl"] > 0
+    layers = [k for k in best["config"] if k.endswith(".mlp")]
+    assert len(layers) == 3 and all("intermediate_size" in best["config"][k] for k in layers)
+
+
+def test_pareto_json_is_the_non_dominated_set(tiny_run: Path) -> None:
+    pareto = json.loads((tiny_run / "pareto.json").read_text())
+    trials = pd.read_parquet(tiny_run / "trials.parquet")
+    full = trials[trials["windows"] >= 2].reset_index(drop=True)
+    expected = pareto_front(list(zip(full["flops"], full["kl@2"])))
+    assert sorted(e["trial"] for e in pareto["front"]) == sorted(full["number"][expected])
+
+
+def test_eval_reproduces_the_runs_validation_kl(tiny_run: Path, capsys) -> None:
+    code, out, _ = run_cli(["eval", str(tiny_run / "best.json"), "--json"], capsys)
+    assert code == 0
+    res = json.loads(out)
+    best = json.loads((tiny_run / "best.json").read_text())
+    assert res["kl"] == pytest.approx(best["validation"]["kl"], rel=1e-5)
+    assert res["ppl"] == pytest.approx(best["validation"]["ppl"], rel=1e-5)
+
+
+def test_eval_on_other_text_and_pareto_pick(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    text = tmp_path / "notes.jsonl"
+    text.write_text("\n".join(json.dumps({"text": f"def f{i}(x): return x * {i}\n" * 8})
+                              for i in range(40)))  # fmt: skip
+    code, out, _ = run_cli(
+        ["eval", str(tiny_run / "pareto.json"), "--pick", "0", "--data", str(text), "--json"],
+        capsys,
+    )
+    assert code == 0
+    res = json.loads(out)
+    assert res["data"] == str(text) and res["windows"] >= 1 and res["kl"] >= 0
+
+
+def test_same_seed_same_result(tiny_dir: Path, tmp_path: Path) -> None:
+    outs = []
+    for name in ("a", "b"):
+        args = ["run", "--model", str(tiny_dir), "--budget", "params=0.7", "--evals", "4",
+                "--seed", "3", "--out", str(tmp_path / name), *TINY]  # fmt: skip
+        assert main(args) == 0
+        outs.append(pd.read_parquet(tmp_path / name / "trials.parquet"))
+    a, b = outs
+    assert a["genes"].map(tuple).tolist() == b["genes"].map(tuple).tolist()
+    assert a["kl"].tolist() == b["kl"].tolist()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["run", "--model", "/nonexistent/model"], "does not exist"),
+        (["run", "--data", "/nonexistent/text.txt"], "cannot read data file"),
+        (["run", "--space", "breadth"], "unknown space"),
+        (["run", "--budget", "flops"], "bad budget term"),
+        (["run", "--budget", "flops=1.5"], "must lie in (0, 1]"),
+        (["run", "--algo", "magic"], "unknown --algo"),
+        (["run", "--stages", "4:1,1:2"], "bad --stages"),
+        (["eval", "/nonexistent/best.json"], "cannot read config"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str, capsys) -> None:
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("searcher: error:")
+
+
+def test_infeasible_budget_is_one_line(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(["run", "--model", str(tiny_dir), "--budget", "flops=0.05",
+                            "--out", str(tmp_path / "x"), *TINY], capsys)  # fmt: skip
+    assert code == 2
+    assert "infeasible" in err and len(err.strip().splitlines()) == 1
+
+
+def test_budget_metric_the_space_lacks(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    code, _, err = run_cli(["run", "--model", str(tiny_dir), "--budget", "sparsity=0.5",
+                            "--out", str(tmp_path / "x"), *TINY], capsys)  # fmt: skip
+    assert code == 2 and "no 'nonzero' cost" in err
+
+
+def test_console_script_errors_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "data.txt"
+    bad.write_bytes(b"\xff\xfe\x00broken")
+    proc = subprocess.run(
+        [sys.executable, "-m", "searcher.cli", "run", "--data", str(bad)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("searcher: error: cannot read data")

@@ -30,11 +30,12 @@ def _space_option(text: str) -> tuple[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="searcher", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser = _Parser(prog="searcher", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    r = sub.add_parser("run", help="search per-layer allocations under a budget")
+    r = sub.add_parser("run", parents=[common], help="search per-layer allocations under a budget")
     s = argparse.SUPPRESS
     r.add_argument("--config", default=s, help="YAML/JSON file of run settings (flags win)")
     r.add_argument("--model", default=s, help="local HF model directory (default: embedded)")
@@ -64,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trust-remote-code", action="store_true", default=s,
                    help="allow the model directory's own Python code to run")  # fmt: skip
 
-    e = sub.add_parser("eval", help="score a saved config (best.json or pareto.json) on text")
+    e = sub.add_parser(
+        "eval", parents=[common], help="score a saved config (best.json or pareto.json) on text"
+    )
     e.add_argument("config", help="best.json, or pareto.json with --pick")
     e.add_argument("--data", help=".txt or .jsonl (default: the run's validation windows)")
     e.add_argument("--pick", type=int, help="entry of pareto.json (default 0)")
@@ -100,9 +103,9 @@ def _run(args: argparse.Namespace) -> None:
     from searcher.run import run
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "config")}
-    if "space_options" in given:
-        given["space_options"] = dict(given["space_options"])
     base = RunSpec.from_file(args.config).to_dict() if "config" in args else {}
+    if "space_options" in given:  # flags add to (and win over) the file's space options
+        given["space_options"] = {**base.get("space_options", {}), **dict(given["space_options"])}
     spec = RunSpec.from_dict({**base, **given}).resolved()
     console = Console(stderr=True)
     columns = (
@@ -143,6 +146,8 @@ def _run(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from searcher.run import evaluate_config
 
+    if args.windows < 1 or (args.threads is not None and args.threads < 1):
+        raise SearcherError("--windows and --threads must be at least 1")
     if args.threads:
         import torch
 

@@ -47,6 +47,10 @@ def read_text(path: str | None) -> tuple[str, str]:
     return raw, str(p.resolve())
 
 
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @dataclass
 class Windows:
     """Token windows, calibration and validation disjoint, plus how to rebuild them."""
@@ -84,7 +88,7 @@ def windows(
     cut = tokens[: total * seq_len].reshape(total, seq_len)
     spec = {
         "source": name,
-        "sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+        "sha256": text_sha256(text),
         "tokens": len(tokens),
         "seq_len": seq_len,
         "calibration_windows": calibration,

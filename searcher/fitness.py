@@ -54,6 +54,10 @@ class Evaluator:
         self.windows = windows.to(self.device)
         self.batch_size = batch_size
         self.head = model.get_output_embeddings()
+        # float32 LM head: logits, logsumexp and the W^T p reference must share one precision,
+        # or a bfloat16 model's rounding shows up as KL of the dense model to itself
+        self.head_weight = self.head.weight.float()
+        self.head_bias = None if self.head.bias is None else self.head.bias.float()
         vocab = self.head.weight.shape[0]
         apply(dense)
         self.split_head = hidden_reference and self._head_is_last_step()
@@ -65,7 +69,15 @@ class Evaluator:
             for w in range(len(logits)):
                 h = None if hidden is None else hidden[w]
                 self._reference.append(self._summarise(h, logits[w]))
-        self.dense_scores = self.score(dense, 0, len(self.windows))
+        self._dense = tuple(dense)
+        self._dense_scores: WindowScores | None = None
+
+    @property
+    def dense_scores(self) -> WindowScores:
+        """The dense model's own scores (KL ~0; its NLL gives the dense perplexity)."""
+        if self._dense_scores is None:
+            self._dense_scores = self.score(self._dense, 0, len(self.windows))
+        return self._dense_scores
 
     @property
     def n_windows(self) -> int:
@@ -87,15 +99,16 @@ class Evaluator:
             if not self.split_head:
                 return None, self.model(input_ids=ids, use_cache=False).logits.float()
             hidden = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-            return hidden.float(), self.head(hidden).float()
+            hidden = hidden.float()
+            return hidden, nn.functional.linear(hidden, self.head_weight, self.head_bias)
 
     def _summarise(self, h: torch.Tensor | None, z: torch.Tensor) -> dict[str, torch.Tensor]:
         logp = torch.log_softmax(z, dim=-1)
         if h is not None:
             p = logp.exp()
-            ref = {"u": p @ self.head.weight.float(), "neg_entropy": (p * logp).sum(-1)}
-            if self.head.bias is not None:
-                ref["pb"] = p @ self.head.bias.float()
+            ref = {"u": p @ self.head_weight, "neg_entropy": (p * logp).sum(-1)}
+            if self.head_bias is not None:
+                ref["pb"] = p @ self.head_bias
             return ref
         if self.top_k is None:
             p = logp.exp()
@@ -133,8 +146,10 @@ class Evaluator:
                     # next-token NLL; the window's last position has no target
                     target = z[:-1].gather(-1, ids[w, 1:, None]).squeeze(-1)
                     nll.append((lse[:-1] - target).mean())
+        # a numerically broken candidate (NaN, e.g. float16 overflow) must rank last
         return WindowScores(
-            torch.stack(kl).double().cpu().numpy(), torch.stack(nll).double().cpu().numpy()
+            torch.stack(kl).double().nan_to_num(nan=float("inf")).cpu().numpy(),
+            torch.stack(nll).double().nan_to_num(nan=float("inf")).cpu().numpy(),
         )
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from latency_models.table import CostTable
-from searcher.budget import Budget
+from searcher.budget import KEYS, Budget
 from searcher.errors import SearcherError
 
 Candidate = tuple[int, ...]
@@ -27,10 +27,10 @@ class Problem:
     space_name: str = ""
 
     def __post_init__(self) -> None:
-        for metric in self.budget.limits:
-            if metric not in self.costs:
+        for key, (metric, _) in KEYS.items():
+            if metric in self.budget.limits and metric not in self.costs:
                 raise SearcherError(
-                    f"the {self.space_name or 'chosen'} space has no {metric!r} cost to budget; "
+                    f"the {self.space_name or 'chosen'} space cannot be budgeted by {key!r}; "
                     f"budget one of: {', '.join(self.budget_keys())}"
                 )
         floor = self.minimum_fractions()
@@ -42,8 +42,6 @@ class Problem:
             )
 
     def budget_keys(self) -> list[str]:
-        from searcher.budget import KEYS
-
         return [k for k, (metric, _) in KEYS.items() if metric in self.costs]
 
     @property
@@ -117,8 +115,32 @@ class Problem:
                 int(np.argmin([abs(f - target) - 1e-12 * f for f in row])) for row in self.keep
             )
             if self.feasible(genes):
-                return genes
-        raise SearcherError(f"no uniform candidate meets budget {self.budget.text}")
+                break
+        else:
+            raise SearcherError(f"no uniform candidate meets budget {self.budget.text}")
+        if not any(genes):
+            # Coarse grids (keep/drop) make "the same level everywhere" all-or-nothing: keep
+            # what fits instead, spread evenly through the network.
+            genes = self._spread_fill(genes)
+        return genes
+
+    def _spread_fill(self, genes: Sequence[int]) -> Candidate:
+        """Raise genes one level at a time in an evenly spread order while they fit."""
+        n = len(genes)
+        bits = max(1, (n - 1).bit_length())
+        order = sorted(range(n), key=lambda i: int(f"{i:0{bits}b}"[::-1], 2))
+        g = list(genes)
+        changed = True
+        while changed:
+            changed = False
+            for i in order:
+                if g[i] + 1 < self.n_levels[i]:
+                    g[i] += 1
+                    if self.feasible(g):
+                        changed = True
+                    else:
+                        g[i] -= 1
+        return tuple(g)
 
     def mutate(self, genes: Sequence[int], rng: np.random.Generator, switches: int) -> Candidate:
         """EvoPress level switch: lower one gene and raise another, ``switches`` times.

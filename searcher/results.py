@@ -13,8 +13,6 @@ import pandas as pd
 from searcher.engine import Trial
 from searcher.pareto import pareto_front
 
-OBJECTIVES = ("kl", "flops")
-
 
 def write_json(path: Path, payload: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -44,48 +42,46 @@ def trials_frame(trials: Sequence[Trial], fidelities: Sequence[int]) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-def front(trials: Sequence[Trial], full: int) -> list[Trial]:
-    """Non-dominated full-fidelity trials over (calibration KL, FLOPs), by increasing FLOPs."""
+def front(trials: Sequence[Trial], full: int, metric: str) -> list[Trial]:
+    """Non-dominated full-fidelity trials over (cost ``metric``, calibration KL), by cost."""
     scored = [t for t in trials if t.windows >= full]
-    idx = pareto_front([(t.costs["flops"], t.fitness(full)) for t in scored])
+    idx = pareto_front([(t.costs[metric], t.fitness(full)) for t in scored])
     return [scored[i] for i in idx]
 
 
 def plot_front(
     path: Path, trials: Sequence[Trial], front_trials: Sequence[Trial], full: int,
-    best: Trial | None, budget: dict[str, float], title: str,
+    best: Trial | None, metric: str, limit: float | None, title: str,
 ) -> None:  # fmt: skip
+    """KL against the cost ``metric`` (a fraction of dense) for every trial."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def xs(ts: Sequence[Trial]) -> list[float]:
+        return [t.fractions[metric] for t in ts]
+
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     low = [t for t in trials if t.windows < full]
     high = [t for t in trials if t.windows >= full]
     if low:
-        ax.scatter(
-            [t.fractions["flops"] for t in low], [t.fitness() for t in low], s=8,
-            c="0.8", label=f"scored on fewer windows ({len(low)})",
-        )  # fmt: skip
-    ax.scatter(
-        [t.fractions["flops"] for t in high], [t.fitness(full) for t in high], s=14,
-        c="tab:blue", label=f"scored on {full} windows ({len(high)})",
-    )  # fmt: skip
-    ax.plot(
-        [t.fractions["flops"] for t in front_trials], [t.fitness(full) for t in front_trials],
-        "-o", c="tab:orange", ms=4, label="Pareto front",
-    )  # fmt: skip
+        ax.scatter(xs(low), [t.fitness() for t in low], s=8, c="0.8",
+                   label=f"scored on fewer windows ({len(low)})")  # fmt: skip
+    ax.scatter(xs(high), [t.fitness(full) for t in high], s=14, c="tab:blue",
+               label=f"scored on {full} windows ({len(high)})")  # fmt: skip
+    ax.plot(xs(front_trials), [t.fitness(full) for t in front_trials], "-o", c="tab:orange",
+            ms=4, label="Pareto front")  # fmt: skip
     if best is not None:
-        ax.scatter([best.fractions["flops"]], [best.fitness(full)], marker="*", s=180,
-                   c="tab:red", zorder=5, label="best under budget")  # fmt: skip
-    if "flops" in budget:
-        ax.axvline(budget["flops"], ls="--", c="0.4", lw=1, label="FLOPs budget")
-    ax.set_xlabel("FLOPs (fraction of dense)")
+        ax.scatter(xs([best]), [best.fitness(full)], marker="*", s=180, c="tab:red", zorder=5,
+                   label="best under budget")  # fmt: skip
+    if limit is not None:
+        ax.axvline(limit, ls="--", c="0.4", lw=1, label="budget")
+    ax.set_xlabel(f"{metric} (fraction of dense)")
     ax.set_ylabel("KL to dense (calibration)")
     ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, framealpha=0.85)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import logging
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -19,8 +20,6 @@ import torch
 import spaces
 from searcher import data, models
 from searcher.algorithms import ALGORITHMS, parse_stages
-from searcher.algorithms.baselines import RandomSearch
-from searcher.algorithms.evolution import Evolution
 from searcher.budget import Budget
 from searcher.engine import Engine, Progress, Trial
 from searcher.errors import SearcherError
@@ -72,7 +71,7 @@ def hardware(device: str, threads: int) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": torch.get_num_threads(), "threads": threads}
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads}
     info["device"] = device
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -83,11 +82,20 @@ def open_session(
     model: str | None, data_source: str | None, space: str, space_options: dict[str, Any],
     seq_len: int, calibration: int, validation: int, importance: int,
     batch_size: int, device: str, dtype: str, trust_remote_code: bool,
+    text_sha256: str | None = None,
 ) -> Session:  # fmt: skip
-    """Load the model, cut the windows and build the space: shared by run and eval."""
+    """Load the model, cut the windows and build the space: shared by run and eval.
+
+    Everything cheap is checked before the model loads, so bad input fails fast.
+    """
     if space not in spaces.SPACES:
         raise SearcherError(f"unknown space {space!r}: choose one of {', '.join(spaces.SPACES)}")
-    text = data.read_text(data_source)  # before the model: bad data fails fast
+    text = data.read_text(data_source)
+    if text_sha256 is not None and data.text_sha256(text[0]) != text_sha256:
+        raise SearcherError(
+            f"the calibration text {text[1]} has changed since the run, so the neurons, heads "
+            "or masks the run chose cannot be rebuilt from it"
+        )
     loaded = models.load(model, device, dtype, trust_remote_code)
     structure = spaces.Structure.of(loaded.model)
     win = data.windows(loaded.tokenizer, text, seq_len, calibration, validation)
@@ -113,8 +121,16 @@ def config_header(session: Session, spec: RunSpec) -> dict[str, Any]:
         "searcher": versions()["searcher"],
         "model": session.loaded.identity,
         "dtype": spec.dtype,
-        "space": {"name": session.space.name, "options": session.space.options()},
-        "data": {**session.windows.spec, "importance_windows": session.importance_windows},
+        "space": {
+            "name": session.space.name,
+            "options": session.space.options(),
+            "fingerprint": session.space.fingerprint(),
+        },
+        "data": {
+            **session.windows.spec,
+            "importance_windows": session.importance_windows,
+            "batch_size": spec.batch_size,
+        },
         "budget": spec.budget,
     }
 
@@ -151,8 +167,8 @@ def run(
     full = stages[-1][0]
     torch.set_num_threads(spec.threads)
     out = Path(spec.out) if spec.out else _default_out(spec)
-    if out.exists() and any(out.iterdir()):
-        raise SearcherError(f"run directory {out} exists and is not empty: pick another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SearcherError(f"--out {out} exists and is not an empty directory: pick another")
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -174,12 +190,7 @@ def run(
     )  # fmt: skip
     timings["dense_reference"] = time.perf_counter() - t0
 
-    if spec.algo == Evolution.name:
-        algorithm = Evolution(problem, spec.seed, full, spec.offspring, stages)
-    elif spec.algo == RandomSearch.name:
-        algorithm = RandomSearch(problem, spec.seed, full, spec.random_batch)
-    else:
-        algorithm = ALGORITHMS[spec.algo](problem, spec.seed, full)
+    algorithm = ALGORITHMS[spec.algo].configure(problem, spec.seed, full, spec.to_dict())
 
     out.mkdir(parents=True, exist_ok=True)
     header = config_header(session, spec)
@@ -222,10 +233,12 @@ def run(
     trials = sorted(engine.trials.values(), key=lambda t: t.number)
     fidelities = sorted({w for w, _ in stages})
     trials_frame(trials, fidelities).to_parquet(out / "trials.parquet", index=False)
-    front_trials = front(trials, full)
+    # the front's cost axis: FLOPs, unless the budget limits something else (sparsity)
+    metric = "flops" if "flops" in budget.limits else next(iter(budget.limits))
+    front_trials = front(trials, full, metric)
     write_json(
         out / "pareto.json",
-        {**header, "objectives": ["flops", "kl"],
+        {**header, "objectives": [metric, "kl"],
          "front": [entry(space, t, full) for t in front_trials]},
     )  # fmt: skip
     best_payload = {
@@ -242,7 +255,7 @@ def run(
     }
     write_json(out / "best.json", best_payload)
     plot_front(
-        out / "pareto.png", trials, front_trials, full, best, budget.limits,
+        out / "pareto.png", trials, front_trials, full, best, metric, budget.limits[metric],
         f"{session.loaded.identity['source']} · {space.name} · {budget.text} · {spec.algo}",
     )  # fmt: skip
     seconds = time.perf_counter() - t_start
@@ -262,60 +275,47 @@ def run(
 def evaluate_config(
     path: str, data_source: str | None = None, pick: int | None = None, windows: int = 8,
     model: str | None = None, device: str = "cpu", dtype: str | None = None,
-    batch_size: int = 4, trust_remote_code: bool = False,
+    batch_size: int | None = None, trust_remote_code: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Score a saved config (best.json, or one entry of pareto.json) on any text."""
+    config = _read_config(path, pick)
     try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SearcherError(f"cannot read config {path}: {exc}") from None
-    if not isinstance(config, dict) or "space" not in config or "model" not in config:
-        raise SearcherError(f"{path} is not a searcher config (best.json or pareto.json)")
-    if "front" in config:
-        if pick is None:
-            pick = 0
-        if not 0 <= pick < len(config["front"]):
-            raise SearcherError(f"--pick {pick}: {path} has {len(config['front'])} entries")
-        config = {**config, **config["front"][pick]}
-    elif pick is not None:
-        raise SearcherError(f"--pick applies to pareto.json; {path} holds a single config")
-    d = config["data"]
-    source = model or config["model"]["source"]
-    if source.startswith(f"{models.EMBEDDED}:"):
-        source = None
-    session = open_session(
-        source, d["source"], config["space"]["name"], config["space"]["options"], d["seq_len"],
-        max(d["calibration_windows"], d["importance_windows"]), d["validation_windows"],
-        d["importance_windows"], batch_size, device, dtype or config.get("dtype", "float32"),
-        trust_remote_code,
-    )  # fmt: skip
-    if not models.same_model(session.loaded.identity, config["model"]):
+        d, space_cfg, identity = config["data"], config["space"], config["model"]
+        source = model or identity["source"]
+        if source.startswith(f"{models.EMBEDDED}:"):
+            source = None
+        batch = batch_size or d.get("batch_size", 4)
+        session = open_session(
+            source, d["source"], space_cfg["name"], space_cfg["options"], d["seq_len"],
+            max(d["calibration_windows"], d["importance_windows"]), d["validation_windows"],
+            d["importance_windows"], batch, device, dtype or config.get("dtype", "float32"),
+            trust_remote_code, text_sha256=d["sha256"],
+        )  # fmt: skip
+        genes, fingerprint = tuple(config["genes"]), space_cfg["fingerprint"]
+        budget_text = config["budget"]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise SearcherError(f"{path} is not a complete searcher config ({exc!r} missing)") from None
+    if not models.same_model(session.loaded.identity, identity):
         raise SearcherError(
-            f"{path} was made for model {config['model']['source']} (fingerprint "
-            f"{config['model']['fingerprint']}), not for {session.loaded.identity['source']} "
+            f"{path} was made for model {identity['source']} (fingerprint "
+            f"{identity['fingerprint']}), not for {session.loaded.identity['source']} "
             f"({session.loaded.identity['fingerprint']}): pass --model with the right model"
         )
-    if session.windows.spec["sha256"] != d["sha256"]:
-        raise SearcherError(
-            f"the calibration text {d['source']} has changed since the run, so the neurons "
-            "and masks it chose cannot be rebuilt"
-        )
     space = session.space
-    candidate = tuple(config["genes"])
-    if len(candidate) != len(space.genes) or any(
-        not 0 <= g < n for g, n in zip(candidate, space.n_levels)
-    ):
+    if len(genes) != len(space.genes) or any(not 0 <= g < n for g, n in zip(genes, space.n_levels)):
         raise SearcherError(f"{path} does not fit the {space.name} space of this model")
-    if json.loads(json.dumps(space.describe(candidate))) != config["config"]:
-        raise SearcherError(f"rebuilding {path} chose different units than the run did")
+    if space.fingerprint() != fingerprint:
+        raise SearcherError(
+            f"rebuilding {path} chose different units than the run did (another device, "
+            "dtype or library version changes activation statistics): score it where it ran"
+        )
     if data_source is None:
         ids, where = session.windows.validation, f"validation windows of {d['source']}"
     else:
         ids = data.eval_windows(session.loaded.tokenizer, data_source, d["seq_len"], windows)
         where = data_source
-    evaluator = Evaluator(session.loaded.model, ids, space.apply, space.dense(), batch_size)
-    scores = evaluator.score(candidate, 0, evaluator.n_windows)
-    costs = problem_for(space, Budget.parse(config["budget"])).fractions(candidate)
+    evaluator = Evaluator(session.loaded.model, ids, space.apply, space.dense(), batch)
+    scores = evaluator.score(genes, 0, evaluator.n_windows)
     return {
         "config": path,
         "data": where,
@@ -324,5 +324,23 @@ def evaluate_config(
         "kl": float(scores.kl.mean()),
         "ppl": math.exp(float(scores.nll.mean())),
         "dense_ppl": math.exp(float(evaluator.dense_scores.nll.mean())),
-        "fractions": costs,
+        "fractions": problem_for(space, Budget.parse(budget_text)).fractions(genes),
     }
+
+
+def _read_config(path: str, pick: int | None) -> dict[str, Any]:
+    """best.json as it is, or entry ``pick`` of pareto.json merged with its header."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SearcherError(f"cannot read config {path}: {exc}") from None
+    if not isinstance(config, dict) or "space" not in config or "model" not in config:
+        raise SearcherError(f"{path} is not a searcher config (best.json or pareto.json)")
+    if "front" in config:
+        pick = 0 if pick is None else pick
+        if not isinstance(config["front"], list) or not 0 <= pick < len(config["front"]):
+            raise SearcherError(f"--pick {pick}: {path} has {len(config['front'])} entries")
+        return {**config, **config["front"][pick]}
+    if pick is not None:
+        raise SearcherError(f"--pick applies to pareto.json; {path} holds a single config")
+    return config

@@ -37,6 +37,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class RunSpec:
+    """Every setting of a run. ``None`` means: take it from the preset (or the default)."""
+
     model: str | None = None  # None: the embedded SmolLM2-135M
     data: str | None = None  # None: CPython's pydoc_data.topics
     space: str = "width"
@@ -71,11 +73,18 @@ class RunSpec:
                 values[key] = value
         if values["threads"] is None:
             values["threads"] = os.cpu_count() or 1
-        spec = RunSpec(**values)
-        for name in ("evals", "offspring", "seq_len", "validation_windows", "batch_size"):
-            if getattr(spec, name) <= 0:
-                raise SearcherError(f"--{name.replace('_', '-')} must be positive")
-        return spec
+        for name, kind in _TYPES.items():
+            value = values[name]
+            if value is None and name in _OPTIONAL:
+                continue
+            if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+                raise SearcherError(f"run setting {name} = {value!r} should be {_describe(kind)}")
+        for name in _POSITIVE:
+            if values[name] <= 0:
+                raise SearcherError(f"--{name.replace('_', '-')} must be at least 1")
+        if values["seed"] < 0:
+            raise SearcherError("--seed must be 0 or more")
+        return RunSpec(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,3 +110,23 @@ class RunSpec:
         if not isinstance(values, dict):
             raise SearcherError(f"run config {path} must be a mapping of setting: value")
         return cls.from_dict(values)
+
+
+# Expected types after presets are applied (ints also accepted where floats are).
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model": str, "data": str, "space": str, "space_options": dict, "budget": str,
+    "algo": str, "seed": int, "preset": str, "evals": (int, float), "offspring": int,
+    "stages": str, "random_batch": int, "seq_len": int, "importance_windows": int,
+    "validation_windows": int, "batch_size": int, "device": str, "dtype": str,
+    "threads": int, "out": str, "trust_remote_code": bool,
+}  # fmt: skip
+_OPTIONAL = {"model", "data", "out"}
+_POSITIVE = ("evals", "offspring", "random_batch", "seq_len", "importance_windows",
+             "validation_windows", "batch_size", "threads")  # fmt: skip
+
+
+def _describe(kind: type | tuple[type, ...]) -> str:
+    names = {int: "a whole number", float: "a number", str: "a string", dict: "a mapping",
+             bool: "true or false"}  # fmt: skip
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, str(k)) for k in kinds)

@@ -34,12 +34,9 @@ def build(
     """Build a space over a resident model; ``windows`` are calibration tokens for scoring."""
     if name not in SPACES:
         raise SearcherError(f"unknown space {name!r}: choose one of {', '.join(SPACES)}")
-    cls = SPACES[name]
     opts = dict(options or {})
-    if cls is DepthSpace:
-        return DepthSpace(structure, seq_len, **opts)
     try:
-        return cls(structure, seq_len, windows, batch_size=batch_size, **opts)
+        return SPACES[name](structure, seq_len, windows, batch_size=batch_size, **opts)
     except (TypeError, ValueError) as exc:
         raise SearcherError(f"bad options for the {name} space {opts}: {exc}") from None
 

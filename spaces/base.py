@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +53,11 @@ class SearchSpace(ABC):
         """Settings needed to rebuild this space (besides model and calibration data)."""
         return {}
 
+    def fingerprint(self) -> str:
+        """A hash of the choices fixed at build time (which neurons, heads or weights each
+        level removes), so a rebuilt space can be checked against the one a config used."""
+        return digest()
+
     @property
     def n_levels(self) -> tuple[int, ...]:
         return tuple(len(g.values) for g in self.genes)
@@ -68,6 +74,16 @@ class SearchSpace(ABC):
             if isinstance(module, nn.Linear) and module is not pruned.get_output_embeddings():
                 set_linear(module, module.weight.detach().clone(), _clone(module.bias))
         return pruned
+
+
+def digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            h.update(part.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(repr(part).encode())
+    return h.hexdigest()[:16]
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -34,7 +34,14 @@ class DroppedMLP(nn.Module):
 class DepthSpace(SearchSpace):
     name = "depth"
 
-    def __init__(self, structure: Structure, seq_len: int) -> None:
+    def __init__(
+        self,
+        structure: Structure,
+        seq_len: int,
+        windows: torch.Tensor | None = None,
+        batch_size: int = 4,
+    ) -> None:
+        """``windows`` and ``batch_size`` are unused: dropping a block needs no scoring."""
         super().__init__(structure, seq_len)
         genes = []
         for layer in structure.layers:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from latency_models.table import CostTable
-from spaces.base import Gene, SearchSpace, attention_costs, fixed_costs, mlp_costs
+from spaces.base import Gene, SearchSpace, attention_costs, digest, fixed_costs, mlp_costs
 from spaces.importance import input_statistics
 from spaces.structure import ATTN_PROJ, MLP_PROJ, Structure
 
@@ -38,9 +38,9 @@ class SparsitySpace(SearchSpace):
         max_sparsity: float = 0.9,
     ) -> None:
         super().__init__(structure, seq_len)
-        n = int(round(max_sparsity / step))
-        if n < 1 or not 0 < max_sparsity < 1:
+        if not 0 < step <= max_sparsity < 1:
             raise ValueError("need 0 < step <= max_sparsity < 1")
+        n = int(max_sparsity / step + 1e-9)
         self.step, self.max_sparsity = step, max_sparsity
         self.sparsities = tuple(round(step * k, 6) for k in range(n, -1, -1))
         self.linears = [(layer, p) for layer in structure.layers for p in PROJ]
@@ -112,6 +112,9 @@ class SparsitySpace(SearchSpace):
 
     def describe(self, candidate: Sequence[int]) -> dict[str, dict[str, Any]]:
         return {g.name: {"sparsity": g.values[lv]} for g, lv in zip(self.genes, candidate)}
+
+    def fingerprint(self) -> str:
+        return digest(*self._rank)
 
     def options(self) -> dict[str, Any]:
         return {"step": self.step, "max_sparsity": self.max_sparsity}

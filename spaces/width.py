@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from latency_models.table import CostTable
-from spaces.base import Gene, SearchSpace, block_tables, set_linear
+from spaces.base import Gene, SearchSpace, block_tables, digest, set_linear
 from spaces.importance import input_statistics
 from spaces.structure import Structure
 
@@ -69,8 +69,7 @@ class WidthSpace(SearchSpace):
             )
         self.genes = tuple(genes)
         self._rank(windows, batch_size)
-        self._applied: list[int | None] = [None] * len(self.genes)
-        self.apply(self.dense())  # from here on the model runs on the permuted weights
+        self._applied: list[int | None] = list(self.dense())
 
     def _rank(self, windows: torch.Tensor, batch_size: int) -> None:
         """Score neurons and KV groups on calibration tokens; permute so the best come first."""
@@ -107,6 +106,8 @@ class WidthSpace(SearchSpace):
                     lin = layer.linear(name)
                     bias = None if lin.bias is None else lin.bias.detach()
                     full[name] = (lin.weight[:, cols].contiguous(), bias)
+            for name, (w, b) in full.items():  # run on the permuted copy; free the original
+                set_linear(layer.linear(name), w, b)
             self._full.append(full)
             self.neuron_order.append(n_order.tolist())
             self.group_order.append(g_order.tolist())
@@ -163,6 +164,9 @@ class WidthSpace(SearchSpace):
                     "kept_neurons": sorted(self.neuron_order[i][:k]),
                 }
         return out
+
+    def fingerprint(self) -> str:
+        return digest(self.neuron_order, self.group_order)
 
     def options(self) -> dict[str, Any]:
         return {

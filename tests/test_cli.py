@@ -129,7 +129,7 @@ def test_infeasible_budget_is_one_line(tiny_dir: Path, tmp_path: Path, capsys) -
 def test_budget_metric_the_space_lacks(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     code, _, err = run_cli(["run", "--model", str(tiny_dir), "--budget", "sparsity=0.5",
                             "--out", str(tmp_path / "x"), *TINY], capsys)  # fmt: skip
-    assert code == 2 and "no 'nonzero' cost" in err
+    assert code == 2 and "cannot be budgeted by 'sparsity'" in err
 
 
 def test_console_script_errors_without_traceback(tmp_path: Path) -> None:
@@ -142,3 +142,31 @@ def test_console_script_errors_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("searcher: error: cannot read data")
+
+
+def test_eval_refuses_a_config_made_for_another_model(
+    tiny_run: Path, tiny_qwen_dir: Path, capsys
+) -> None:
+    code, _, err = run_cli(
+        ["eval", str(tiny_run / "best.json"), "--model", str(tiny_qwen_dir)], capsys
+    )
+    assert code == 2 and "was made for model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_refuses_a_config_whose_units_differ(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    config = json.loads((tiny_run / "best.json").read_text())
+    config["space"]["fingerprint"] = "0" * 16  # as if the run had chosen other neurons
+    edited = tmp_path / "best.json"
+    edited.write_text(json.dumps(config))
+    code, _, err = run_cli(["eval", str(edited)], capsys)
+    assert code == 2 and "chose different units" in err
+
+
+def test_bad_setting_in_a_config_file(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("budget: flops=0.5\nseq_len: '512'\n")
+    code, _, err = run_cli(["run", "--config", str(cfg)], capsys)
+    assert code == 2 and "seq_len = '512' should be a whole number" in err
+    cfg.write_text("budget: flops=0.5\nmystery: 3\n")
+    code, _, err = run_cli(["run", "--config", str(cfg)], capsys)
+    assert code == 2 and "unknown run setting(s) mystery" in err

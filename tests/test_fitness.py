@@ -202,3 +202,14 @@ def test_hidden_reference_equals_probability_reference(setup) -> None:
         np.testing.assert_allclose(
             probs.score(c, 0, N_WINDOWS).kl, setup.scores[c].kl, rtol=1e-4, atol=1e-6
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_dense_model_has_zero_kl_to_itself(dtype) -> None:
+    """Logits, logsumexp and the reference share float32, so rounding is not scored as KL."""
+    model = tiny_model("llama").to(dtype)
+    windows = torch.randint(0, model.config.vocab_size, (3, SEQ), generator=torch.Generator())
+    space = spaces.build("width", spaces.Structure.of(model), SEQ, windows)
+    ev = Evaluator(model, windows, space.apply, space.dense(), batch_size=2)
+    assert np.all(np.abs(ev.dense_scores.kl) < 1e-5)
+    assert np.all(ev.score((0,) * len(space.genes), 0, 3).kl > 1e-3)

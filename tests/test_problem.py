@@ -269,10 +269,28 @@ def test_uniform_on_a_shared_grid(budget: str) -> None:
     }
     p = Problem(n_levels, costs, Budget.parse(budget), keep)
     u = p.uniform()
-    assert len(set(u)) == 1, "a shared grid gives every gene the same level"
     assert_feasible(p, u)
+    if min(u) == 0 and len(set(u)) > 1:
+        # Only the all-minimum common level fits: what fits is then spread over the genes.
+        assert not fits(p, (1,) * len(u)), "a common level above the minimum must not fit"
+        assert set(u) == {0, 1}
+        return
+    assert len(set(u)) == 1, "a shared grid gives every gene the same level"
     if u[0] < 4:
         assert not fits(p, tuple(x + 1 for x in u)), "the next larger fraction must not fit"
+
+
+def test_uniform_on_a_keep_or_drop_grid_spreads_what_fits() -> None:
+    n = 12
+    levels = [[0.0, 1.0]] * n
+    p = Problem(
+        (2,) * n, {"flops": CostTable.build("flops", 0.0, levels)}, Budget.parse("flops=0.75"),
+        ((0.0, 1.0),) * n,
+    )  # fmt: skip
+    u = p.uniform()
+    assert sum(u) == 9  # as many kept as fit
+    dropped = [i for i, x in enumerate(u) if x == 0]
+    assert min(b - a for a, b in zip(dropped, dropped[1:])) >= 3  # spread, not bunched
 
 
 def keep_levels(levels: np.ndarray, n: int) -> list[float]:

@@ -9,8 +9,9 @@ models, no workers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -38,6 +39,14 @@ class Algorithm(ABC):
         self.rng = np.random.default_rng(seed)
         self.full_windows = full_windows
         self.done = False
+
+    @classmethod
+    def configure(
+        cls, problem: Problem, seed: int, full_windows: int, settings: Mapping[str, Any]
+    ) -> Algorithm:
+        """Build from run settings (offspring, stages, random_batch, ...); each algorithm
+        reads the ones it understands."""
+        return cls(problem, seed, full_windows)
 
     @abstractmethod
     def ask(self) -> list[Request]:

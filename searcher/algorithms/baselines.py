@@ -29,6 +29,10 @@ class RandomSearch(Algorithm):
         self.seen: set[tuple[int, ...]] = set()
         self.count = 0
 
+    @classmethod
+    def configure(cls, problem, seed, full_windows, settings):
+        return cls(problem, seed, full_windows, batch=settings["random_batch"])
+
     def ask(self) -> list[Request]:
         out = []
         for _ in range(20 * self.batch):  # bounded: a small space may run out of new points

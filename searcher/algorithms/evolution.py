@@ -67,6 +67,11 @@ class Evolution(Algorithm):
         self._stage = 0
         self._pool: list[Candidate] = [self.parent]
 
+    @classmethod
+    def configure(cls, problem, seed, full_windows, settings):
+        stages = parse_stages(settings["stages"])
+        return cls(problem, seed, full_windows, settings["offspring"], stages)
+
     def _children(self) -> list[Candidate]:
         kids: list[Candidate] = []
         seen = {self.parent}

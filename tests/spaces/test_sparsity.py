@@ -190,3 +190,16 @@ def test_describe(built) -> None:
     assert [desc[g.name]["sparsity"] for g in space.genes] == [
         g.values[lv] for g, lv in zip(space.genes, c)
     ]
+
+
+def test_grid_never_exceeds_max_sparsity_and_bad_options_are_user_errors() -> None:
+    from searcher.errors import SearcherError
+
+    model = tiny_model("llama")
+    structure = spaces.Structure.of(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    space = spaces.build("sparsity", structure, 16, ids, options={"step": 0.25})
+    assert space.sparsities == (0.75, 0.5, 0.25, 0.0)
+    for bad in ({"step": 0}, {"step": 0.3, "max_sparsity": 0.2}, {"max_sparsity": 1.0}):
+        with pytest.raises(SearcherError):
+            spaces.build("sparsity", structure, 16, ids, options=bad)

@@ -46,7 +46,7 @@ def main() -> None:
     loaded = models.load(args.model)
     win = data.windows(loaded.tokenizer, data.read_text(None), args.seq_len, args.windows, 1)
     ids = win.calibration
-    ratios_all = []
+    ratios_all, totals = [], [0.0, 0.0]
     for name in ("width", "depth"):
         structure = spaces.Structure.of(loaded.model)
         space = spaces.build(name, structure, args.seq_len, ids)
@@ -75,14 +75,17 @@ def main() -> None:
                 t_service.append(timed(service))
             b, s = min(t_bare), min(t_service)
             ratios_all.append(s / b)
+            totals[0] += s
+            totals[1] += b
             frac = problem.fractions(cand)["flops"]
             print(f"{name:6s} cand {i}: flops {frac:.3f}  bare {b * 1e3:7.1f} ms  "
                   f"service {s * 1e3:7.1f} ms  ratio {s / b:.3f}", flush=True)  # fmt: skip
             del pruned
         space.apply(space.dense())
-    print(f"overall: median ratio {statistics.median(ratios_all):.3f}, "
-          f"max {max(ratios_all):.3f} over {len(ratios_all)} candidates "
-          f"({args.windows}x{args.seq_len} tokens, {args.threads} threads)")  # fmt: skip
+    print(f"overall: service/bare {totals[0] / totals[1]:.3f} in total, median ratio "
+          f"{statistics.median(ratios_all):.3f}, max {max(ratios_all):.3f} over "
+          f"{len(ratios_all)} candidates ({args.windows}x{args.seq_len} tokens, "
+          f"{args.threads} threads)")  # fmt: skip
 
 
 if __name__ == "__main__":

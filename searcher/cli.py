@@ -46,14 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE", help="space setting, e.g. mlp_steps=8 (repeatable)",
     )  # fmt: skip
     r.add_argument("--budget", default=s, help="e.g. flops=0.5 or params=0.6,flops=0.5")
-    r.add_argument("--algo", default=s, help="evo | random | uniform (default evo)")
+    r.add_argument(
+        "--algo", default=s, help="evo | random | uniform | tpe | gp | nsga2 (default evo)"
+    )
     r.add_argument("--seed", type=int, default=s)
     r.add_argument("--preset", default=s, choices=sorted(PRESETS), help="default: default")
     r.add_argument("--evals", type=float, default=s,
                    help="search budget in full-fidelity-equivalent evaluations")  # fmt: skip
     r.add_argument("--offspring", type=int, default=s, help="evo: offspring per generation")
     r.add_argument("--stages", default=s, help="evo: WINDOWS:SURVIVORS per stage, e.g. 1:4,4:1")
-    r.add_argument("--random-batch", type=int, default=s, help="random: candidates per batch")
+    r.add_argument("--random-batch", type=int, default=s,
+                   help="random, tpe, gp, nsga2: candidates per batch")  # fmt: skip
     r.add_argument("--seq-len", type=int, default=s, help="tokens per window")
     r.add_argument("--importance-windows", type=int, default=s)
     r.add_argument("--validation-windows", type=int, default=s)

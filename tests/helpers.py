@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def tiny_config(kind: str = "llama", **overrides):
@@ -62,3 +64,23 @@ def save_tiny(path: Path, kind: str = "llama", seed: int = 0) -> Path:
     tiny_model(kind, seed).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def counted_flops(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """FLOPs torch.utils.flop_counter counts for one forward pass (eager attention)."""
+    model.set_attn_implementation("eager")  # attention scores as plain, counted matmuls
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(input_ids=ids, use_cache=False)
+    return counter.get_total_flops()
+
+
+def candidates(space, seed: int, n: int = 2) -> list[tuple[int, ...]]:
+    rng = np.random.default_rng(seed)
+    out = [space.dense(), (0,) * len(space.genes)]
+    out += [tuple(int(rng.integers(0, k)) for k in space.n_levels) for _ in range(n)]
+    return out

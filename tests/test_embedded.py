@@ -6,21 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from searcher.cli import main
 from searcher.run import open_session
+from tests.helpers import counted_flops
 
 pytestmark = pytest.mark.embedded
-
-
-def measured_flops(model: torch.nn.Module, seq_len: int) -> int:
-    model.set_attn_implementation("eager")  # so attention scores are plain, counted matmuls
-    ids = torch.zeros(1, seq_len, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(input_ids=ids, use_cache=False)
-    return counter.get_total_flops()
 
 
 def test_embedded_width_run_meets_budget_by_independent_count(tmp_path: Path) -> None:
@@ -36,10 +27,11 @@ def test_embedded_width_run_meets_budget_by_independent_count(tmp_path: Path) ->
     session = open_session(
         None, d["source"], "width", best["space"]["options"], d["seq_len"],
         d["calibration_windows"], d["validation_windows"], d["importance_windows"],
-        4, "cpu", "float32", False,
+        d["batch_size"], "cpu", "float32", False,
     )  # fmt: skip
-    dense = measured_flops(session.space.materialize(session.space.dense()), d["seq_len"])
-    pruned = measured_flops(session.space.materialize(tuple(best["genes"])), d["seq_len"])
+    ids = session.windows.calibration[:1]
+    dense = counted_flops(session.space.materialize(session.space.dense()), ids)
+    pruned = counted_flops(session.space.materialize(tuple(best["genes"])), ids)
     assert pruned / dense <= 0.5
     assert pruned == pytest.approx(best["costs"]["flops"], rel=0, abs=0)
     # Real weights: the pruned model is worse than dense but far from random guessing

@@ -5,11 +5,15 @@ from __future__ import annotations
 from searcher.algorithms.base import Algorithm, Request, Result
 from searcher.algorithms.baselines import RandomSearch, Uniform
 from searcher.algorithms.evolution import Evolution, parse_stages
+from searcher.algorithms.samplers import GPSearch, NSGA2Search, TPESearch
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     "evo": Evolution,
     "random": RandomSearch,
     "uniform": Uniform,
+    "tpe": TPESearch,
+    "gp": GPSearch,
+    "nsga2": NSGA2Search,
 }
 
 __all__ = ["ALGORITHMS", "Algorithm", "Request", "Result", "parse_stages"]

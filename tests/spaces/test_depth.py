@@ -4,35 +4,14 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import spaces
-from tests.helpers import tiny_model
+from tests.helpers import candidates, counted_flops, logits, tiny_model
 
 SEQ = 32
 KINDS = ["llama", "qwen2"]
-
-
-def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(input_ids=ids, use_cache=False).logits.float()
-
-
-def counted_flops(model: torch.nn.Module, ids: torch.Tensor) -> int:
-    model.set_attn_implementation("eager")  # attention scores as plain, counted matmuls
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(input_ids=ids, use_cache=False)
-    return counter.get_total_flops()
-
-
-def candidates(space, seed: int, n: int = 2) -> list[tuple[int, ...]]:
-    rng = np.random.default_rng(seed)
-    out = [space.dense(), (0,) * len(space.genes)]
-    out += [tuple(int(rng.integers(0, k)) for k in space.n_levels) for _ in range(n)]
-    return out
 
 
 @pytest.fixture(scope="module", params=KINDS)

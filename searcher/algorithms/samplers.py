@@ -56,7 +56,6 @@ torch and scipy (Optuna imports them inside ``GPSampler``; this module imports n
 
 from __future__ import annotations
 
-import importlib.util
 from abc import abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -67,7 +66,6 @@ from optuna.samplers import BaseGASampler, BaseSampler, GPSampler, NSGAIISampler
 from optuna.trial import create_trial
 
 from searcher.algorithms.base import Algorithm, Request, Result
-from searcher.errors import SearcherError
 from searcher.problem import Candidate, Problem
 
 TOLERANCE = 1e-9  # Budget.violations: a fraction over its limit by at most this is feasible
@@ -239,12 +237,6 @@ class GPSearch(OptunaSearch):
     name = "gp"
 
     def make_sampler(self, seed: int) -> BaseSampler:
-        missing = [m for m in ("torch", "scipy") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise SearcherError(
-                f"--algo gp needs {' and '.join(missing)} (Optuna's GPSampler uses them): "
-                f"pip install {' '.join(missing)}, or choose --algo tpe"
-            )
         return GPSampler(seed=seed)
 
 

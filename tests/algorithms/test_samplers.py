@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,6 @@ from searcher.algorithms.base import Request
 from searcher.algorithms.samplers import GPSearch, NSGA2Search, OptunaSearch, TPESearch
 from searcher.budget import Budget
 from searcher.engine import Engine
-from searcher.errors import SearcherError
 from searcher.pool import Job, Outcome, Pool
 from searcher.problem import Problem
 from searcher.spec import RunSpec
@@ -28,9 +26,7 @@ PARAMS = (5.0, 2.0, 8.0, 1.0, 3.0, 7.0, 4.0, 6.0)
 MATTERS = (0.2, 5.0, 0.1, 3.0, 0.5, 0.2, 4.0, 0.3)  # synthetic KL weight per level removed
 FULL = 2  # calibration windows at full fidelity
 
-HAS_GP_DEPS = all(importlib.util.find_spec(m) is not None for m in ("torch", "scipy"))
-needs_gp = pytest.mark.skipif(not HAS_GP_DEPS, reason="Optuna's GPSampler needs torch and scipy")
-ALGOS = ["tpe", "nsga2", pytest.param("gp", marks=needs_gp)]
+ALGOS = ["tpe", "nsga2", "gp"]
 # (max_evals, batch) per test. The GP fits models per proposal (~0.3 s each here): keep it short.
 LONG = {"tpe": (48, 8), "nsga2": (48, 8), "gp": (16, 4)}
 SHORT = {"tpe": (24, 8), "nsga2": (24, 8), "gp": (12, 4)}
@@ -97,7 +93,7 @@ def test_registry_and_configure_from_run_settings() -> None:
     assert ALGORITHMS["gp"] is GPSearch
     assert ALGORITHMS["nsga2"] is NSGA2Search
     p = make_problem()
-    for name in ("tpe", "nsga2") + (("gp",) if HAS_GP_DEPS else ()):
+    for name in ("tpe", "nsga2", "gp"):
         settings = RunSpec(algo=name, seed=3, random_batch=5).resolved().to_dict()
         algo = ALGORITHMS[name].configure(p, settings["seed"], 4, settings)
         assert isinstance(algo, OptunaSearch) and algo.batch == 5
@@ -106,13 +102,6 @@ def test_registry_and_configure_from_run_settings() -> None:
         assert all(r.windows == 4 for r in batch)
         # The first batch starts from the uniform allocation, filled to the budget.
         assert batch[0].candidate == p.fill(p.uniform(), np.random.default_rng(3))
-
-
-@pytest.mark.skipif(HAS_GP_DEPS, reason="only without scipy/torch")
-def test_gp_without_its_dependencies_is_a_clear_error() -> None:
-    settings = RunSpec(algo="gp").resolved().to_dict()
-    with pytest.raises(SearcherError, match="--algo gp needs"):
-        ALGORITHMS["gp"].configure(make_problem(), 0, 4, settings)
 
 
 @pytest.mark.parametrize("name", ALGOS)

@@ -211,6 +211,7 @@ def run(
         on_progress or (lambda p: None),
     )  # fmt: skip
     t0 = time.perf_counter()
+    on_phase(f"searching ({spec.algo})")
     try:
         engine.run()
     finally:

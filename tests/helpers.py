@@ -84,3 +84,17 @@ def candidates(space, seed: int, n: int = 2) -> list[tuple[int, ...]]:
     out = [space.dense(), (0,) * len(space.genes)]
     out += [tuple(int(rng.integers(0, k)) for k in space.n_levels) for _ in range(n)]
     return out
+
+
+def toy_problem(budget: str, n_levels, flops, params, flops_base: float = 1.0):
+    """A Problem whose genes cost ``weight * kept fraction`` per metric: unequal unit costs."""
+    from latency_models.table import CostTable
+    from searcher.budget import Budget
+    from searcher.problem import Problem
+
+    keep = tuple(tuple((lv + 1) / n for lv in range(n)) for n in n_levels)
+    costs = {
+        m: CostTable.build(m, base, [[w * k for k in ks] for w, ks in zip(weights, keep)])
+        for m, weights, base in (("flops", flops, flops_base), ("params", params, 1.0))
+    }
+    return Problem(tuple(n_levels), costs, Budget.parse(budget), keep, space_name="toy")

@@ -7,14 +7,13 @@ import hashlib
 import numpy as np
 import pytest
 
-from latency_models.table import CostTable
 from searcher.algorithms.base import Algorithm, Request, Result
 from searcher.algorithms.baselines import RandomSearch, Uniform
 from searcher.algorithms.evolution import Evolution
-from searcher.budget import Budget
 from searcher.engine import Engine, Progress, Trial
 from searcher.pool import Job, Outcome, Pool
 from searcher.problem import Problem
+from tests.helpers import toy_problem
 
 N_LEVELS = (5, 4, 5, 3, 5, 5)
 FLOPS = (3.0, 9.0, 1.0, 6.0, 12.0, 4.0)
@@ -23,14 +22,7 @@ MATTERS = (4.0, 0.3, 2.5, 0.1, 1.0, 3.0)  # how much the synthetic KL cares abou
 
 
 def make_problem(budget: str = "flops=0.6") -> Problem:
-    keep = tuple(tuple((lv + 1) / n for lv in range(n)) for n in N_LEVELS)
-    costs = {
-        "flops": CostTable.build("flops", 2.0, [[w * k for k in ks] for w, ks in zip(FLOPS, keep)]),
-        "params": CostTable.build(
-            "params", 1.0, [[w * k for k in ks] for w, ks in zip(PARAMS, keep)]
-        ),
-    }
-    return Problem(N_LEVELS, costs, Budget.parse(budget), keep, space_name="toy")
+    return toy_problem(budget, N_LEVELS, FLOPS, PARAMS, flops_base=2.0)
 
 
 def noise(candidate, window: int) -> float:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from latency_models.table import CostTable
 from searcher.algorithms import ALGORITHMS
 from searcher.algorithms.baselines import RandomSearch, Uniform
-from searcher.budget import Budget
 from searcher.engine import Engine
 from searcher.pool import Job, Outcome, Pool
 from searcher.problem import Problem
+from tests.helpers import toy_problem
 
 N_LEVELS = (5, 5, 4, 5, 3, 5)
 FLOPS = (3.0, 9.0, 1.5, 6.0, 12.0, 4.0)
@@ -19,12 +18,7 @@ PARAMS = (5.0, 2.0, 8.0, 1.0, 3.0, 7.0)
 
 
 def make_problem(budget: str = "flops=0.55", n_levels=N_LEVELS) -> Problem:
-    keep = tuple(tuple((lv + 1) / n for lv in range(n)) for n in n_levels)
-    costs = {
-        m: CostTable.build(m, 1.0, [[w * k for k in ks] for w, ks in zip(weights, keep)])
-        for m, weights in (("flops", FLOPS), ("params", PARAMS))
-    }
-    return Problem(n_levels, costs, Budget.parse(budget), keep, space_name="toy")
+    return toy_problem(budget, n_levels, FLOPS, PARAMS)
 
 
 class FakePool(Pool):

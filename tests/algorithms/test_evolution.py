@@ -7,14 +7,13 @@ import hashlib
 import numpy as np
 import pytest
 
-from latency_models.table import CostTable
 from searcher.algorithms.base import Request, Result
 from searcher.algorithms.evolution import DEFAULT_STAGES, Evolution, parse_stages
-from searcher.budget import Budget
 from searcher.engine import Engine
 from searcher.errors import SearcherError
 from searcher.pool import Job, Outcome, Pool
 from searcher.problem import Problem
+from tests.helpers import toy_problem
 
 N_LEVELS = (5, 5, 4, 5, 3, 5, 5, 4)
 FLOPS = (3.0, 9.0, 1.5, 6.0, 12.0, 4.0, 2.0, 7.0)
@@ -23,12 +22,7 @@ MATTERS = (0.2, 5.0, 0.1, 3.0, 0.5, 0.2, 4.0, 0.3)  # synthetic KL weight per le
 
 
 def make_problem(budget: str = "flops=0.55") -> Problem:
-    keep = tuple(tuple((lv + 1) / n for lv in range(n)) for n in N_LEVELS)
-    costs = {
-        m: CostTable.build(m, 1.0, [[w * k for k in ks] for w, ks in zip(weights, keep)])
-        for m, weights in (("flops", FLOPS), ("params", PARAMS))
-    }
-    return Problem(N_LEVELS, costs, Budget.parse(budget), keep, space_name="toy")
+    return toy_problem(budget, N_LEVELS, FLOPS, PARAMS)
 
 
 def synthetic_kl(candidate, window: int) -> float:

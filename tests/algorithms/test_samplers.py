@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latency_models.table import CostTable
 from searcher.algorithms import ALGORITHMS
 from searcher.algorithms.base import Request
 from searcher.algorithms.samplers import GPSearch, NSGA2Search, OptunaSearch, TPESearch
-from searcher.budget import Budget
 from searcher.engine import Engine
 from searcher.pool import Job, Outcome, Pool
 from searcher.problem import Problem
 from searcher.spec import RunSpec
+from tests.helpers import toy_problem
 
 N_LEVELS = (5, 5, 4, 5, 3, 5, 5, 4)
 FLOPS = (3.0, 9.0, 1.5, 6.0, 12.0, 4.0, 2.0, 7.0)
@@ -33,12 +32,7 @@ SHORT = {"tpe": (24, 8), "nsga2": (24, 8), "gp": (12, 4)}
 
 
 def make_problem(budget: str = "flops=0.55", n_levels=N_LEVELS) -> Problem:
-    keep = tuple(tuple((lv + 1) / n for lv in range(n)) for n in n_levels)
-    costs = {
-        m: CostTable.build(m, 1.0, [[w * k for k in ks] for w, ks in zip(weights, keep)])
-        for m, weights in (("flops", FLOPS), ("params", PARAMS))
-    }
-    return Problem(n_levels, costs, Budget.parse(budget), keep, space_name="toy")
+    return toy_problem(budget, n_levels, FLOPS, PARAMS)
 
 
 def synthetic_kl(candidate, window: int) -> float:

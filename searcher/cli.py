@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", parents=[common], help="search per-layer allocations under a budget")
     s = argparse.SUPPRESS
     r.add_argument("--config", default=s, help="YAML/JSON file of run settings (flags win)")
+    r.add_argument("--resume", default=s, metavar="RUN_DIR",
+                   help="continue an interrupted run with its own settings")  # fmt: skip
     r.add_argument("--model", default=s, help="local HF model directory (default: embedded)")
     r.add_argument("--data", default=s, help=".txt or .jsonl calibration text (default: pydoc)")
     r.add_argument("--space", default=s, help="width | depth | sparsity (default width)")
@@ -103,9 +105,13 @@ def _run(args: argparse.Namespace) -> None:
     )  # fmt: skip
     from rich.table import Table
 
-    from searcher.run import run
+    from searcher.run import resume, run
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "verbose", "config")}
+    given = {
+        k: v for k, v in vars(args).items() if k not in ("command", "verbose", "config", "resume")
+    }
+    if "resume" in args and (set(given) - {"threads"} or "config" in args):
+        raise SearcherError("--resume takes the run's own settings: drop the other flags")
     base = RunSpec.from_file(args.config).to_dict() if "config" in args else {}
     if "space_options" in given:  # flags add to (and win over) the file's space options
         given["space_options"] = {**base.get("space_options", {}), **dict(given["space_options"])}
@@ -128,7 +134,10 @@ def _run(args: argparse.Namespace) -> None:
             bar.update(task, description=p.status, completed=min(p.spent, p.budget),
                        total=p.budget, trials=p.trials, best=best)  # fmt: skip
 
-        result = run(spec, on_progress=on_progress, on_phase=on_phase)
+        if "resume" in args:
+            result = resume(args.resume, on_progress, on_phase, given.get("threads"))
+        else:
+            result = run(spec, on_progress=on_progress, on_phase=on_phase)
     b = result.best
     table = Table(title="searcher run", show_header=False)
     table.add_row("budget", b["budget"])

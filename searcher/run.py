@@ -24,11 +24,11 @@ from searcher.budget import Budget
 from searcher.engine import Engine, Progress, Trial
 from searcher.errors import SearcherError
 from searcher.fitness import Evaluator
-from searcher.pool import LocalPool
+from searcher.pool import LocalPool, ReplayPool
 from searcher.problem import Problem
 from searcher.results import front, plot_front, trials_frame, write_json
 from searcher.spec import RunSpec
-from searcher.store import TrialLog
+from searcher.store import TrialLog, read_log
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +152,39 @@ def _default_out(spec: RunSpec) -> Path:
     return Path("results") / f"{spec.space}-{Budget.parse(spec.budget).slug()}-{spec.algo}-{stamp}"
 
 
+def resume(
+    run_dir: str,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_phase: Callable[[str], None] = lambda text: None,
+    threads: int | None = None,
+) -> RunResult:
+    """Continue an interrupted run (killed, or stopped with Ctrl-C) from its directory."""
+    info = Path(run_dir) / "run.json"
+    try:
+        values = json.loads(info.read_text(encoding="utf-8"))["spec"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SearcherError(
+            f"--resume {run_dir}: no readable run.json there; pass a run directory that "
+            "`searcher run` made"
+        ) from None
+    spec = RunSpec.from_dict(values)
+    spec.out = str(Path(run_dir))
+    if threads is not None:
+        spec.threads = threads
+    return run(spec, on_progress, on_phase, resume=True)
+
+
 def run(
     spec: RunSpec,
     on_progress: Callable[[Progress], None] | None = None,
     on_phase: Callable[[str], None] = lambda text: None,
+    resume: bool = False,
 ) -> RunResult:
-    """Search per-layer allocations for ``spec`` and write the run directory."""
+    """Search per-layer allocations for ``spec`` and write the run directory.
+
+    With ``resume``, ``spec.out`` is an interrupted run's directory: its logged scores are
+    replayed (see ``ReplayPool``) and the search goes on from where it stopped.
+    """
     t_start = time.perf_counter()
     spec = spec.resolved()
     budget = Budget.parse(spec.budget)
@@ -167,7 +194,10 @@ def run(
     full = stages[-1][0]
     torch.set_num_threads(spec.threads)
     out = Path(spec.out) if spec.out else _default_out(spec)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    previous: dict[str, Any] = {}
+    if resume:
+        previous = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SearcherError(f"--out {out} exists and is not an empty directory: pick another")
 
     timings: dict[str, float] = {}
@@ -179,6 +209,11 @@ def run(
         spec.batch_size, spec.device, spec.dtype, spec.trust_remote_code,
     )  # fmt: skip
     timings["load_and_importance"] = time.perf_counter() - t0
+    if resume and not models.same_model(session.loaded.identity, previous.get("model", {})):
+        raise SearcherError(
+            f"--resume {out}: that run belongs to another model "
+            f"({previous.get('model', {}).get('source')}), not {session.loaded.identity['source']}"
+        )
     space = session.space
     problem = problem_for(space, budget)
 
@@ -197,7 +232,10 @@ def run(
     run_info: dict[str, Any] = {
         "spec": spec.to_dict(),
         "status": "running",
-        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "started": previous.get("started") or dt.datetime.now().isoformat(timespec="seconds"),
+        "resumed": [*previous.get("resumed", []), dt.datetime.now().isoformat(timespec="seconds")]
+        if resume
+        else [],
         "versions": versions(),
         "hardware": hardware(spec.device, spec.threads),
         "model": session.loaded.identity,
@@ -205,11 +243,12 @@ def run(
         "dense": {k: t.dense() for k, t in problem.costs.items()},
     }
     write_json(out / "run.json", run_info)
-    trial_log = TrialLog(out / "trials.jsonl")
+    logged = read_log(out / "trials.jsonl") if resume else {}
+    pool = ReplayPool(LocalPool(evaluator), logged) if logged else LocalPool(evaluator)
+    trial_log = TrialLog(out / "trials.jsonl", logged)
     engine = Engine(
-        problem, algorithm, LocalPool(evaluator), spec.evals, trial_log.append,
-        on_progress or (lambda p: None),
-    )  # fmt: skip
+        problem, algorithm, pool, spec.evals, trial_log.append, on_progress or (lambda p: None)
+    )
     t0 = time.perf_counter()
     on_phase(f"searching ({spec.algo})")
     try:
@@ -267,6 +306,7 @@ def run(
         timings={k: round(v, 2) for k, v in timings.items()},
         trials=len(trials),
         evals=round(engine.spent_windows / full, 3),
+        replayed_evals=round(getattr(pool, "replayed_windows", 0) / full, 3),
         full_windows=full,
     )
     write_json(out / "run.json", run_info)

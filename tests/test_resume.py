@@ -1,0 +1,126 @@
+"""Runs that survive crashes: a resumed run repeats no evaluation and ends where an
+uninterrupted one does."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from searcher.cli import main
+from searcher.pool import LocalPool
+from searcher.run import resume
+
+ARGS = ["--seq-len", "32", "--importance-windows", "2", "--validation-windows", "2",
+        "--offspring", "4", "--stages", "1:2,2:1", "--threads", "1", "--seed", "5"]  # fmt: skip
+
+
+def results(run_dir: Path) -> tuple[list, list, dict]:
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    best = json.loads((run_dir / "best.json").read_text())
+    return trials["genes"].map(tuple).tolist(), trials["kl"].tolist(), best
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dir: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("whole") / "run"
+    assert main(["run", "--model", str(tiny_dir), "--evals", "10", "--out", str(out), *ARGS]) == 0
+    return out
+
+
+def test_resume_after_a_crash_repeats_nothing_and_matches(
+    uninterrupted: Path, tiny_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    out = tmp_path / "run"
+    real_run = LocalPool.run
+    calls = {"n": 0, "jobs": 0}
+
+    def crashing(self, jobs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt  # as Ctrl-C would, mid-search
+        calls["jobs"] += len(jobs)
+        return real_run(self, jobs)
+
+    monkeypatch.setattr(LocalPool, "run", crashing)
+    code = main(["run", "--model", str(tiny_dir), "--evals", "10", "--out", str(out), *ARGS])
+    assert code == 130
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    lines = (out / "trials.jsonl").read_text().splitlines()
+    logged = {tuple(json.loads(line)["genes"]) for line in lines}
+    assert len(logged) > 0
+
+    fresh = {"jobs": 0, "starts": []}
+
+    def counting(self, jobs):
+        fresh["jobs"] += len(jobs)
+        fresh["starts"] += [(j.candidate, j.start) for j in jobs]
+        return real_run(self, jobs)
+
+    monkeypatch.setattr(LocalPool, "run", counting)
+    result = resume(str(out))
+    genes, kl, best = results(out)
+    genes0, kl0, best0 = results(uninterrupted)
+    assert genes == genes0 and kl == kl0  # the same trials, in the same order, same scores
+    assert best["genes"] == best0["genes"] and best["validation"] == best0["validation"]
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "complete" and len(info["resumed"]) == 1
+    assert info["replayed_evals"] > 0
+    assert info["evals"] == json.loads((uninterrupted / "run.json").read_text())["evals"]
+    # nothing logged before the crash was scored again
+    assert not [c for c, start in fresh["starts"] if c in logged and start == 0]
+    assert result.trials == len(genes0)
+
+
+def test_resume_after_sigkill(uninterrupted: Path, tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["run", "--model", str(tiny_dir), "--evals", "10", "--out", str(out), *ARGS]
+    # Each batch is slowed down so that the kill lands mid-search whatever the machine's speed.
+    script = (
+        "import sys, time\n"
+        "from searcher.pool import LocalPool\n"
+        "real = LocalPool.run\n"
+        "LocalPool.run = lambda self, jobs: (time.sleep(0.2), real(self, jobs))[1]\n"
+        "from searcher.cli import main\n"
+        f"sys.exit(main({args!r}))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    log = out / "trials.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    before = len(log.read_text().splitlines())
+    assert before >= 6
+    assert main(["run", "--resume", str(out)]) == 0
+    genes, kl, best = results(out)
+    genes0, kl0, best0 = results(uninterrupted)
+    assert genes == genes0 and kl == kl0 and best["genes"] == best0["genes"]
+    assert len(genes) > before // 2  # the resumed run went on past what was logged
+
+
+def test_resume_errors_are_one_line(uninterrupted: Path, tmp_path: Path, capsys) -> None:
+    code = main(["run", "--resume", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no readable run.json" in err and len(err.strip().splitlines()) == 1
+    code = main(["run", "--resume", str(uninterrupted), "--budget", "flops=0.3"])
+    assert code == 2 and "drop the other flags" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    info = json.loads((uninterrupted / "run.json").read_text())
+    info["model"]["fingerprint"] = "0" * 16
+    (other / "run.json").write_text(json.dumps(info))
+    code = main(["run", "--resume", str(other)])
+    err = capsys.readouterr().err
+    assert code == 2 and "belongs to another model" in err

@@ -32,7 +32,12 @@ def _space_option(text: str) -> tuple[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    parser = _Parser(prog="searcher", description=__doc__, parents=[common])
+    parser = _Parser(
+        prog="searcher",
+        description="Search per-layer width, depth or sparsity allocations of a pretrained "
+        "causal LM under a FLOPs / parameter / sparsity budget.",
+        parents=[common],
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", parents=[common], help="search per-layer allocations under a budget")

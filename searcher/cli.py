@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--algo", default=s, help="evo | random | uniform | tpe | gp | nsga2 (default evo)"
     )
+    r.add_argument("--objectives", default=s,
+                   help="kl, or kl,flops for a Pareto front (tpe, gp, nsga2)")  # fmt: skip
     r.add_argument("--seed", type=int, default=s)
     r.add_argument("--preset", default=s, choices=sorted(PRESETS), help="default: default")
     r.add_argument("--evals", type=float, default=s,

@@ -190,6 +190,9 @@ def run(
     budget = Budget.parse(spec.budget)
     if spec.algo not in ALGORITHMS:
         raise SearcherError(f"unknown --algo {spec.algo!r}: choose one of {', '.join(ALGORITHMS)}")
+    if spec.objectives != "kl" and not ALGORITHMS[spec.algo].multi_objective:
+        multi = ", ".join(n for n, a in ALGORITHMS.items() if a.multi_objective)
+        raise SearcherError(f"--objectives {spec.objectives} needs one of --algo {multi}")
     stages = parse_stages(spec.stages)
     full = stages[-1][0]
     torch.set_num_threads(spec.threads)
@@ -273,8 +276,13 @@ def run(
     trials = sorted(engine.trials.values(), key=lambda t: t.number)
     fidelities = sorted({w for w, _ in stages})
     trials_frame(trials, fidelities).to_parquet(out / "trials.parquet", index=False)
-    # the front's cost axis: FLOPs, unless the budget limits something else (sparsity)
-    metric = "flops" if "flops" in budget.limits else next(iter(budget.limits))
+    # the front's cost axis: the searched cost objective, else FLOPs unless the budget limits
+    # something else (sparsity)
+    objectives = spec.objectives.split(",")
+    if len(objectives) > 1:
+        metric = objectives[1]
+    else:
+        metric = "flops" if "flops" in budget.limits else next(iter(budget.limits))
     front_trials = front(trials, full, metric)
     write_json(
         out / "pareto.json",
@@ -295,7 +303,7 @@ def run(
     }
     write_json(out / "best.json", best_payload)
     plot_front(
-        out / "pareto.png", trials, front_trials, full, best, metric, budget.limits[metric],
+        out / "pareto.png", trials, front_trials, full, best, metric, budget.limits.get(metric),
         f"{session.loaded.identity['source']} · {space.name} · {budget.text} · {spec.algo}",
     )  # fmt: skip
     seconds = time.perf_counter() - t_start

@@ -170,3 +170,20 @@ def test_bad_setting_in_a_config_file(tmp_path: Path, capsys) -> None:
     cfg.write_text("budget: flops=0.5\nmystery: 3\n")
     code, _, err = run_cli(["run", "--config", str(cfg)], capsys)
     assert code == 2 and "unknown run setting(s) mystery" in err
+
+
+def test_multi_objective_run_writes_a_front(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "mo"
+    args = ["run", "--model", str(tiny_dir), "--budget", "flops=0.9", "--algo", "nsga2",
+            "--objectives", "kl,flops", "--evals", "24", "--out", str(out), *TINY]  # fmt: skip
+    assert main(args) == 0
+    pareto = json.loads((out / "pareto.json").read_text())
+    assert pareto["objectives"] == ["flops", "kl"]
+    front = pareto["front"]
+    assert len(front) >= 2
+    flops = [e["fractions"]["flops"] for e in front]
+    kls = [e["calibration"]["kl"] for e in front]
+    assert flops == sorted(flops) and kls == sorted(kls, reverse=True)  # a trade-off curve
+    code, _, err = run_cli(["run", "--model", str(tiny_dir), "--objectives", "kl,flops",
+                            "--out", str(tmp_path / "x"), *TINY], capsys)  # fmt: skip
+    assert code == 2 and "needs one of --algo" in err

@@ -33,6 +33,7 @@ class Result:
 
 class Algorithm(ABC):
     name: ClassVar[str]
+    multi_objective: ClassVar[bool] = False  # can it minimise costs beside KL (--objectives)?
 
     def __init__(self, problem: Problem, seed: int, full_windows: int) -> None:
         self.problem = problem

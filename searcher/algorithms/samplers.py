@@ -66,9 +66,26 @@ from optuna.samplers import BaseGASampler, BaseSampler, GPSampler, NSGAIISampler
 from optuna.trial import create_trial
 
 from searcher.algorithms.base import Algorithm, Request, Result
+from searcher.errors import SearcherError
 from searcher.problem import Candidate, Problem
 
 TOLERANCE = 1e-9  # Budget.violations: a fraction over its limit by at most this is feasible
+
+
+def parse_objectives(objectives: tuple[str, ...], problem: Problem) -> tuple[str, ...]:
+    """``("kl",)`` or ``("kl", COST, ...)`` with COST a cost metric of the problem."""
+    costs = [m for m in problem.costs if m != "nonzero"]
+    if (
+        not objectives
+        or objectives[0] != "kl"
+        or len(set(objectives)) != len(objectives)
+        or any(o not in costs for o in objectives[1:])
+    ):
+        raise SearcherError(
+            f"bad --objectives {','.join(objectives)}: give kl, optionally followed by costs "
+            f"to minimise too, from: {', '.join(costs)} (e.g. kl,flops)"
+        )
+    return tuple(objectives)
 
 
 @dataclass
@@ -89,6 +106,7 @@ class OptunaSearch(Algorithm):
     """An Optuna sampler through ``study.ask()`` / ``study.tell()``; subclasses pick it."""
 
     name: ClassVar[str]
+    multi_objective: ClassVar[bool] = True
     max_tries: ClassVar[int] = 20  # proposals per requested candidate before giving up
 
     def __init__(
@@ -98,10 +116,12 @@ class OptunaSearch(Algorithm):
         full_windows: int,
         batch: int = 8,
         start_uniform: bool = True,
+        objectives: tuple[str, ...] = ("kl",),
     ) -> None:
         super().__init__(problem, seed, full_windows)
         if batch < 1:
             raise ValueError("batch must be at least 1")
+        self.objectives = parse_objectives(objectives, problem)
         self.batch = batch
         self.names = [f"g{i:03d}" for i in range(problem.n_genes)]
         self.distributions = {
@@ -109,7 +129,9 @@ class OptunaSearch(Algorithm):
         }
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per trial
         self.sampler = self.make_sampler(seed)
-        self.study = optuna.create_study(direction="minimize", sampler=self.sampler)
+        self.study = optuna.create_study(
+            directions=["minimize"] * len(self.objectives), sampler=self.sampler
+        )
         self.known: dict[Candidate, float] = {}  # full-fidelity KL of every scored candidate
         self.in_study: set[Candidate] = set()  # candidates present as a feasible trial
         self.batches = 0
@@ -123,7 +145,15 @@ class OptunaSearch(Algorithm):
 
     @classmethod
     def configure(cls, problem, seed, full_windows, settings):
-        return cls(problem, seed, full_windows, batch=settings["random_batch"])
+        objectives = tuple(settings.get("objectives", "kl").split(","))
+        return cls(
+            problem, seed, full_windows, batch=settings["random_batch"], objectives=objectives
+        )
+
+    def values(self, genes: Candidate, kl: float) -> list[float]:
+        """The objective values of a scored candidate: KL, then costs as fractions of dense."""
+        fractions = self.problem.fractions(genes)
+        return [kl if o == "kl" else fractions[o] for o in self.objectives]
 
     @abstractmethod
     def make_sampler(self, seed: int) -> BaseSampler:
@@ -189,7 +219,7 @@ class OptunaSearch(Algorithm):
                     create_trial(
                         params=self.params(c),
                         distributions=self.distributions,
-                        value=kl,
+                        values=self.values(c, kl),
                         constraints=self.constraints(c),
                         user_attrs={
                             "scored": list(c),
@@ -205,7 +235,7 @@ class OptunaSearch(Algorithm):
         # An infeasible proposal is told the KL of its repair. With its positive constraint
         # values (set in ask) TPE and NSGA-II rank it by violation, not by this value; only
         # the GP's objective model sees it (module docstring).
-        frozen = self.study.tell(proposal.trial, kl)
+        frozen = self.study.tell(proposal.trial, self.values(scored, kl))
         if proposal.genes == scored:
             self.in_study.add(scored)
         return frozen

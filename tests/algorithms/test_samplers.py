@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 
 from searcher.algorithms import ALGORITHMS
 from searcher.algorithms.base import Request
 from searcher.algorithms.samplers import GPSearch, NSGA2Search, OptunaSearch, TPESearch
 from searcher.engine import Engine
+from searcher.errors import SearcherError
 from searcher.pool import Job, Outcome, Pool
 from searcher.problem import Problem
 from searcher.spec import RunSpec
@@ -197,3 +199,31 @@ def test_the_module_imports_neither_torch_nor_scipy() -> None:
         "assert not {'torch', 'scipy'} & set(sys.modules), 'heavy import'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+@pytest.mark.parametrize("name", ["tpe", "nsga2"])
+def test_multi_objective_search_returns_a_front_within_budget(name: str) -> None:
+    from searcher.pareto import pareto_front
+
+    p = make_problem("flops=0.8")
+    algo = ALGORITHMS[name](p, seed=0, full_windows=FULL, batch=8, objectives=("kl", "flops"))
+    engine = Engine(p, algo, FakePool(), max_evals=48)
+    trials = list(engine.run().values())
+    assert all(t.feasible for t in trials)
+    assert algo.study.directions == [optuna.study.StudyDirection.MINIMIZE] * 2
+    for t in algo.study.trials:  # told (KL, FLOPs fraction) of the candidate actually scored
+        scored = tuple(t.user_attrs["scored"])
+        assert t.values[1] == pytest.approx(p.fractions(scored)["flops"])
+    points = [(t.fractions["flops"], t.fitness()) for t in trials]
+    front = [points[i] for i in pareto_front(points)]
+    assert len(front) >= 3  # a front across costs, not one point at the budget
+    assert max(f for f, _ in front) - min(f for f, _ in front) > 0.1
+
+
+def test_objectives_must_start_with_kl_and_name_known_costs() -> None:
+    p = make_problem()
+    for bad in (("flops", "kl"), ("kl", "latency"), ("kl", "flops", "flops"), ()):
+        with pytest.raises(SearcherError, match="bad --objectives"):
+            TPESearch(p, seed=0, full_windows=FULL, objectives=bad)
+    settings = RunSpec(algo="nsga2", objectives="kl,params").resolved().to_dict()
+    assert ALGORITHMS["nsga2"].configure(p, 0, FULL, settings).objectives == ("kl", "params")

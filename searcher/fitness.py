@@ -64,20 +64,19 @@ class Evaluator:
         full = self.split_head or windows.numel() * vocab * 4 <= reference_bytes
         self.top_k = None if full else min(top_k, vocab)
         self._reference: list[dict[str, torch.Tensor]] = []  # one summary per window
+        dense_nll = []
         for start in range(0, len(self.windows), batch_size):
-            hidden, logits = self._outputs(self.windows[start : start + batch_size])
-            for w in range(len(logits)):
-                h = None if hidden is None else hidden[w]
-                self._reference.append(self._summarise(h, logits[w]))
-        self._dense = tuple(dense)
-        self._dense_scores: WindowScores | None = None
-
-    @property
-    def dense_scores(self) -> WindowScores:
-        """The dense model's own scores (KL ~0; its NLL gives the dense perplexity)."""
-        if self._dense_scores is None:
-            self._dense_scores = self.score(self._dense, 0, len(self.windows))
-        return self._dense_scores
+            ids = self.windows[start : start + batch_size]
+            hidden, logits = self._outputs(ids)
+            with torch.inference_mode():
+                for w, z in enumerate(logits):
+                    h = None if hidden is None else hidden[w]
+                    self._reference.append(self._summarise(h, z))
+                    dense_nll.append(_nll(z, ids[w], _logsumexp(z)))
+        # the dense model's own scores (KL 0 by definition; NLL gives the dense perplexity)
+        self.dense_scores = WindowScores(
+            np.zeros(len(self.windows)), torch.stack(dense_nll).double().cpu().numpy()
+        )
 
     @property
     def n_windows(self) -> int:
@@ -143,14 +142,17 @@ class Evaluator:
                     lse = _logsumexp(z)
                     h = None if hidden is None else hidden[w]
                     kl.append(self._kl(self._reference[b0 + w], h, z, lse).clamp_min(0).mean())
-                    # next-token NLL; the window's last position has no target
-                    target = z[:-1].gather(-1, ids[w, 1:, None]).squeeze(-1)
-                    nll.append((lse[:-1] - target).mean())
+                    nll.append(_nll(z, ids[w], lse))
         # a numerically broken candidate (NaN, e.g. float16 overflow) must rank last
         return WindowScores(
             torch.stack(kl).double().nan_to_num(nan=float("inf")).cpu().numpy(),
             torch.stack(nll).double().nan_to_num(nan=float("inf")).cpu().numpy(),
         )
+
+
+def _nll(z: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of one window; its last position has no target."""
+    return (lse[:-1] - z[:-1].gather(-1, ids[1:, None]).squeeze(-1)).mean()
 
 
 def _logsumexp(z: torch.Tensor, rows: int = 16) -> torch.Tensor:

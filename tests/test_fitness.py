@@ -64,8 +64,10 @@ def direct_kl(setup, candidate) -> np.ndarray:
 def test_dense_kl_is_zero_on_every_window(setup) -> None:
     for ev in (setup.full, evaluator(setup, reference_bytes=0, hidden_reference=False, top_k=8)):
         assert ev.n_windows == N_WINDOWS
-        assert ev.dense_scores.kl.shape == (N_WINDOWS,)
-        assert np.all(np.abs(ev.dense_scores.kl) < 1e-5)
+        scored = ev.score(setup.space.dense(), 0, N_WINDOWS)
+        assert scored.kl.shape == (N_WINDOWS,)
+        assert np.all(np.abs(scored.kl) < 1e-5)
+        np.testing.assert_allclose(ev.dense_scores.nll, scored.nll, rtol=1e-6)
     again = setup.full.score(setup.space.dense(), 2, 6)
     assert again.kl.shape == (4,) and np.all(np.abs(again.kl) < 1e-5)
 
@@ -211,5 +213,5 @@ def test_half_precision_dense_model_has_zero_kl_to_itself(dtype) -> None:
     windows = torch.randint(0, model.config.vocab_size, (3, SEQ), generator=torch.Generator())
     space = spaces.build("width", spaces.Structure.of(model), SEQ, windows)
     ev = Evaluator(model, windows, space.apply, space.dense(), batch_size=2)
-    assert np.all(np.abs(ev.dense_scores.kl) < 1e-5)
+    assert np.all(np.abs(ev.score(space.dense(), 0, 3).kl) < 1e-5)
     assert np.all(ev.score((0,) * len(space.genes), 0, 3).kl > 1e-3)

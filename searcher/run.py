@@ -342,8 +342,13 @@ def evaluate_config(
         )  # fmt: skip
         genes, fingerprint = tuple(config["genes"]), space_cfg["fingerprint"]
         budget_text = config["budget"]
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise SearcherError(f"{path} is not a complete searcher config ({exc!r} missing)") from None
+    except KeyError as exc:
+        raise SearcherError(
+            f"{path} is not a complete searcher config: field {exc.args[0]!r} is missing "
+            "(it may come from an older searcher; re-run the search)"
+        ) from None
+    except (TypeError, AttributeError):
+        raise SearcherError(f"{path} is not a well-formed searcher config") from None
     if not models.same_model(session.loaded.identity, identity):
         raise SearcherError(
             f"{path} was made for model {identity['source']} (fingerprint "

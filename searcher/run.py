@@ -247,7 +247,7 @@ def run(
     }
     write_json(out / "run.json", run_info)
     logged = read_log(out / "trials.jsonl") if resume else {}
-    pool = ReplayPool(LocalPool(evaluator), logged) if logged else LocalPool(evaluator)
+    pool = ReplayPool(LocalPool(evaluator), logged)  # with nothing logged it just delegates
     trial_log = TrialLog(out / "trials.jsonl", logged)
     engine = Engine(
         problem, algorithm, pool, spec.evals, trial_log.append, on_progress or (lambda p: None)
@@ -314,7 +314,7 @@ def run(
         timings={k: round(v, 2) for k, v in timings.items()},
         trials=len(trials),
         evals=round(engine.spent_windows / full, 3),
-        replayed_evals=round(getattr(pool, "replayed_windows", 0) / full, 3),
+        replayed_evals=round(pool.replayed_windows / full, 3),
         full_windows=full,
     )
     write_json(out / "run.json", run_info)

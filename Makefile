@@ -31,8 +31,9 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# the storage tests get a throwaway PostgreSQL server on loopback (started and stopped here)
 test: lint
-	$(BIN)/pytest -q
+	bash .ci/with-postgres.sh $(BIN)/pytest -q
 
 test-fast: install
 	$(BIN)/pytest -q -m "not embedded"

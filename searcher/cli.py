@@ -72,7 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=s, help="windows per forward pass")
     r.add_argument("--device", default=s, help="cpu | cuda | cuda:N (default cpu)")
     r.add_argument("--dtype", default=s, help="float32 | bfloat16 | float16 (default float32)")
-    r.add_argument("--threads", type=int, default=s, help="torch threads (default: all cores)")
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=s,
+        help="torch threads per worker (default: the cores over the workers)",
+    )
+    r.add_argument(
+        "--workers",
+        type=int,
+        default=s,
+        help="parallel evaluations on Ray actors (default 1: in this process)",
+    )
+    r.add_argument(
+        "--address",
+        default=s,
+        metavar="ADDR",
+        help="join a Ray cluster: auto, HOST:PORT or ray://HOST:PORT",
+    )
+    r.add_argument("--storage", default=s, metavar="URL",
+                   help="Optuna storage for the trials, e.g. postgresql://user@host/db "
+                   "(default: SQLite in the run directory)")  # fmt: skip
     r.add_argument("--out", default=s, help="run directory (default results/<run-id>)")
     r.add_argument("--trust-remote-code", action="store_true", default=s,
                    help="allow the model directory's own Python code to run")  # fmt: skip
@@ -91,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
+
+
+# settings that change where evaluations run, never their results
+RESUME_FLAGS = {"threads", "workers", "address"}
 
 
 def _quiet_libraries() -> None:
@@ -117,8 +141,11 @@ def _run(args: argparse.Namespace) -> None:
     given = {
         k: v for k, v in vars(args).items() if k not in ("command", "verbose", "config", "resume")
     }
-    if "resume" in args and (set(given) - {"threads"} or "config" in args):
-        raise SearcherError("--resume takes the run's own settings: drop the other flags")
+    if "resume" in args and (set(given) - RESUME_FLAGS or "config" in args):
+        raise SearcherError(
+            "--resume takes the run's own settings: drop all flags but --threads, --workers "
+            "and --address"
+        )
     base = RunSpec.from_file(args.config).to_dict() if "config" in args else {}
     if "space_options" in given:  # flags add to (and win over) the file's space options
         given["space_options"] = {**base.get("space_options", {}), **dict(given["space_options"])}
@@ -142,7 +169,7 @@ def _run(args: argparse.Namespace) -> None:
                        total=p.budget, trials=p.trials, best=best)  # fmt: skip
 
         if "resume" in args:
-            result = resume(args.resume, on_progress, on_phase, given.get("threads"))
+            result = resume(args.resume, on_progress, on_phase, **given)
         else:
             result = run(spec, on_progress=on_progress, on_phase=on_phase)
     b = result.best
@@ -201,8 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"searcher: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("searcher: interrupted; every completed evaluation is in the run directory's "
-              "trials.jsonl", file=sys.stderr)  # fmt: skip
+        print("searcher: interrupted; every completed evaluation is stored: continue with "
+              "`searcher run --resume RUN_DIR`", file=sys.stderr)  # fmt: skip
         return 130
     return 0
 

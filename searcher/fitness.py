@@ -34,8 +34,26 @@ class WindowScores:
     nll: np.ndarray
 
 
+@dataclass
+class DenseReference:
+    """The dense model's per-window summaries: computed once, shipped to every worker."""
+
+    summaries: list[dict[str, torch.Tensor]]
+    split_head: bool
+    top_k: int | None
+    dense_nll: np.ndarray
+
+    def to(self, device: torch.device | str) -> DenseReference:
+        moved = [{k: v.to(device) for k, v in s.items()} for s in self.summaries]
+        return DenseReference(moved, self.split_head, self.top_k, self.dense_nll)
+
+
 class Evaluator:
-    """Scores the resident model, in whatever configuration a space put it, on fixed windows."""
+    """Scores the resident model, in whatever configuration a space put it, on fixed windows.
+
+    ``reference`` (from another evaluator's ``reference()`` on the same windows) skips the
+    dense pass: workers get it from the driver instead of recomputing it.
+    """
 
     def __init__(
         self,
@@ -47,6 +65,7 @@ class Evaluator:
         reference_bytes: int = 2 << 30,
         top_k: int = 1024,
         hidden_reference: bool = True,
+        reference: DenseReference | None = None,
     ) -> None:
         self.model = model
         self.apply = apply
@@ -60,6 +79,13 @@ class Evaluator:
         self.head_bias = None if self.head.bias is None else self.head.bias.float()
         vocab = self.head.weight.shape[0]
         apply(dense)
+        if reference is not None:
+            if len(reference.summaries) != len(self.windows):
+                raise ValueError("the reference was computed on other windows")
+            ref = reference.to(self.device)
+            self.split_head, self.top_k, self._reference = ref.split_head, ref.top_k, ref.summaries
+            self.dense_scores = WindowScores(np.zeros(len(self.windows)), ref.dense_nll)
+            return
         self.split_head = hidden_reference and self._head_is_last_step()
         full = self.split_head or windows.numel() * vocab * 4 <= reference_bytes
         self.top_k = None if full else min(top_k, vocab)
@@ -77,6 +103,12 @@ class Evaluator:
         self.dense_scores = WindowScores(
             np.zeros(len(self.windows)), torch.stack(dense_nll).double().cpu().numpy()
         )
+
+    def reference(self) -> DenseReference:
+        """The dense summaries, on the CPU, for another evaluator of the same windows."""
+        return DenseReference(
+            self._reference, self.split_head, self.top_k, self.dense_scores.nll
+        ).to("cpu")
 
     @property
     def n_windows(self) -> int:

@@ -9,7 +9,8 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -24,11 +25,11 @@ from searcher.budget import Budget
 from searcher.engine import Engine, Progress, Trial
 from searcher.errors import SearcherError
 from searcher.fitness import Evaluator
-from searcher.pool import LocalPool, ReplayPool
+from searcher.pool import LocalPool, Pool, ReplayPool
 from searcher.problem import Problem
 from searcher.results import front, plot_front, trials_frame, write_json
 from searcher.spec import RunSpec
-from searcher.store import TrialLog, read_log
+from searcher.store import TrialStore, default_url, open_storage, redacted
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,34 @@ def entry(space: spaces.SearchSpace, trial: Trial, full: int) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def scoring_pool(spec: RunSpec, session: Session, evaluator: Evaluator) -> Iterator[Pool]:
+    """In this process for one local worker, else a Ray actor pool (local or on a cluster)."""
+    if spec.workers == 1 and spec.address is None:
+        yield LocalPool(evaluator)
+        return
+    from searcher import cluster
+    from searcher.workers import RayPool, WorkerSetup
+
+    model = spec.model
+    if model is not None and Path(model).exists():
+        model = str(Path(model).resolve())  # workers need not share the driver's cwd
+    setup = WorkerSetup(
+        model=model, device=spec.device, dtype=spec.dtype,
+        trust_remote_code=spec.trust_remote_code, space=spec.space,
+        space_options=spec.space_options, seq_len=spec.seq_len, batch_size=spec.batch_size,
+        importance_windows=session.importance_windows, scored_windows=evaluator.n_windows,
+        fingerprint=session.space.fingerprint(), threads=spec.threads,
+    )  # fmt: skip
+    gpus = torch.cuda.device_count() if spec.device.startswith("cuda") else 0
+    with cluster.connected(spec.address, spec.workers * spec.threads, gpus):
+        pool = RayPool(setup, session.windows.calibration, evaluator.reference(), spec.workers)
+        try:
+            yield pool
+        finally:
+            pool.close()
+
+
 def _default_out(spec: RunSpec) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("results") / f"{spec.space}-{Budget.parse(spec.budget).slug()}-{spec.algo}-{stamp}"
@@ -156,9 +185,13 @@ def resume(
     run_dir: str,
     on_progress: Callable[[Progress], None] | None = None,
     on_phase: Callable[[str], None] = lambda text: None,
-    threads: int | None = None,
+    **placement: Any,
 ) -> RunResult:
-    """Continue an interrupted run (killed, or stopped with Ctrl-C) from its directory."""
+    """Continue an interrupted run (killed, or stopped with Ctrl-C) from its directory.
+
+    ``placement`` may change threads, workers and address: where evaluations run, not what
+    they return.
+    """
     info = Path(run_dir) / "run.json"
     try:
         values = json.loads(info.read_text(encoding="utf-8"))["spec"]
@@ -169,8 +202,10 @@ def resume(
         ) from None
     spec = RunSpec.from_dict(values)
     spec.out = str(Path(run_dir))
-    if threads is not None:
-        spec.threads = threads
+    for key, value in placement.items():
+        setattr(spec, key, value)
+    if "workers" in placement and "threads" not in placement:
+        spec.threads = None  # re-derive threads per worker from the new worker count
     return run(spec, on_progress, on_phase, resume=True)
 
 
@@ -195,6 +230,12 @@ def run(
         raise SearcherError(f"--objectives {spec.objectives} needs one of --algo {multi}")
     stages = parse_stages(spec.stages)
     full = stages[-1][0]
+    if spec.address is not None:
+        from searcher.cluster import check_address
+
+        check_address(spec.address)  # an unreachable cluster fails before the model loads
+    if spec.storage is not None and not resume:
+        open_storage(spec.storage).engine.dispose()  # a bad URL fails before the model loads
     torch.set_num_threads(spec.threads)
     out = Path(spec.out) if spec.out else _default_out(spec)
     previous: dict[str, Any] = {}
@@ -232,32 +273,49 @@ def run(
 
     out.mkdir(parents=True, exist_ok=True)
     header = config_header(session, spec)
+    storage = previous.get("storage") or {
+        "url": redacted(spec.storage or default_url(out)),
+        "study": out.resolve().name,
+    }
     run_info: dict[str, Any] = {
-        "spec": spec.to_dict(),
+        "spec": {**spec.to_dict(), "storage": storage["url"]},
+        "storage": storage,
         "status": "running",
         "started": previous.get("started") or dt.datetime.now().isoformat(timespec="seconds"),
         "resumed": [*previous.get("resumed", []), dt.datetime.now().isoformat(timespec="seconds")]
         if resume
         else [],
         "versions": versions(),
-        "hardware": hardware(spec.device, spec.threads),
+        "hardware": {**hardware(spec.device, spec.threads), "workers": spec.workers},
         "model": session.loaded.identity,
         "data": header["data"],
         "dense": {k: t.dense() for k, t in problem.costs.items()},
     }
     write_json(out / "run.json", run_info)
-    logged = read_log(out / "trials.jsonl") if resume else {}
-    pool = ReplayPool(LocalPool(evaluator), logged)  # with nothing logged it just delegates
-    trial_log = TrialLog(out / "trials.jsonl", logged)
-    engine = Engine(
-        problem, algorithm, pool, spec.evals, trial_log.append, on_progress or (lambda p: None)
+    objectives = spec.objectives.split(",")
+    store = TrialStore(
+        spec.storage or storage["url"], storage["study"], problem.n_levels, len(objectives), resume
     )
+    logged = store.logged()
     t0 = time.perf_counter()
-    on_phase(f"searching ({spec.algo})")
+    on_phase("starting workers" if spec.workers > 1 or spec.address else f"searching ({spec.algo})")
     try:
-        engine.run()
+        with scoring_pool(spec, session, evaluator) as scorer:
+            pool = ReplayPool(scorer, logged)  # with nothing logged it just delegates
+            engine = Engine(
+                problem, algorithm, pool, spec.evals, store.append, on_progress or (lambda p: None)
+            )
+            timings["workers_start"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            on_phase(f"searching ({spec.algo})")
+            engine.run()
+            retries = getattr(scorer, "retries", 0)
+        store.finish(
+            engine.trials.values(), full,
+            lambda t: [t.fitness(full), *(t.fractions[m] for m in objectives[1:])],
+        )  # fmt: skip
     finally:
-        trial_log.close()
+        store.close()
     timings["search"] = time.perf_counter() - t0
     best = engine.best()
     if best is None:
@@ -278,7 +336,6 @@ def run(
     trials_frame(trials, fidelities).to_parquet(out / "trials.parquet", index=False)
     # the front's cost axis: the searched cost objective, else FLOPs unless the budget limits
     # something else (sparsity)
-    objectives = spec.objectives.split(",")
     if len(objectives) > 1:
         metric = objectives[1]
     else:
@@ -315,6 +372,7 @@ def run(
         trials=len(trials),
         evals=round(engine.spent_windows / full, 3),
         replayed_evals=round(pool.replayed_windows / full, 3),
+        worker_retries=retries,
         full_windows=full,
     )
     write_json(out / "run.json", run_info)

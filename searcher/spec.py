@@ -58,7 +58,10 @@ class RunSpec:
     batch_size: int = 4
     device: str = "cpu"
     dtype: str = "float32"
-    threads: int | None = None  # torch intra-op threads; None: all cores
+    threads: int | None = None  # torch threads per worker; None: the cores over the workers
+    workers: int = 1  # parallel evaluations; more than 1 (or an address) runs them on Ray
+    address: str | None = None  # an existing Ray cluster: auto, HOST:PORT or ray://HOST:PORT
+    storage: str | None = None  # Optuna storage URL; None: SQLite in the run directory
     out: str | None = None  # run directory; None: results/<run-id>
     trust_remote_code: bool = False
 
@@ -73,7 +76,9 @@ class RunSpec:
             if values[key] is None:
                 values[key] = value
         if values["threads"] is None:
-            values["threads"] = os.cpu_count() or 1
+            w = values["workers"]
+            workers = w if isinstance(w, int) and not isinstance(w, bool) and w > 0 else 1
+            values["threads"] = max(1, (os.cpu_count() or 1) // workers)
         for name, kind in _TYPES.items():
             value = values[name]
             if value is None and name in _OPTIONAL:
@@ -119,11 +124,12 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "algo": str, "objectives": str, "seed": int, "preset": str, "evals": (int, float),
     "offspring": int, "stages": str, "random_batch": int, "seq_len": int, "importance_windows": int,
     "validation_windows": int, "batch_size": int, "device": str, "dtype": str,
-    "threads": int, "out": str, "trust_remote_code": bool,
+    "threads": int, "workers": int, "address": str, "storage": str, "out": str,
+    "trust_remote_code": bool,
 }  # fmt: skip
-_OPTIONAL = {"model", "data", "out"}
+_OPTIONAL = {"model", "data", "out", "address", "storage"}
 _POSITIVE = ("evals", "offspring", "random_batch", "seq_len", "importance_windows",
-             "validation_windows", "batch_size", "threads")  # fmt: skip
+             "validation_windows", "batch_size", "threads", "workers")  # fmt: skip
 
 
 def _describe(kind: type | tuple[type, ...]) -> str:

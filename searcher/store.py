@@ -1,64 +1,160 @@
-"""Every scored candidate goes to disk the moment its score is known (JSON lines)."""
+"""Every scored candidate goes to an Optuna storage the moment its score is known.
+
+One Optuna trial per candidate: its genes are the params, its per-window scores a user
+attribute, and its mean KL after each fidelity step an intermediate value. While the search
+runs, trials are RUNNING; when it ends, candidates scored at full fidelity become COMPLETE
+with their objective values and the ones the multi-fidelity selection dropped become PRUNED,
+so optuna-dashboard shows the search as Optuna users know it. The storage is a SQLite file
+in the run directory unless ``--storage`` names a database.
+"""
 
 from __future__ import annotations
 
-import json
-import os
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+import optuna
+from optuna.distributions import IntDistribution
+from optuna.trial import TrialState
 
 from searcher.engine import Trial
+from searcher.errors import SearcherError
 from searcher.pool import Outcome
 from searcher.problem import Candidate
 
+log = logging.getLogger(__name__)
 
-class TrialLog:
-    """Append-only log; each line is a trial's full state after one evaluation.
+DEFAULT_FILE = "trials.db"
 
-    A crash or kill loses at most the evaluation that was running: each line is flushed and
-    fsynced. The last line of a candidate is its latest state.
-    """
 
-    def __init__(self, path: Path, logged: dict[Candidate, Outcome] | None = None) -> None:
-        self.path = path
-        self._logged = {c: len(o.kl) for c, o in (logged or {}).items()}
-        self._file = path.open("a", encoding="utf-8")
+def default_url(run_dir: Path) -> str:
+    return f"sqlite:///{(run_dir / DEFAULT_FILE).resolve()}"
+
+
+def redacted(url: str) -> str:
+    """The URL without its password (run.json keeps no secrets; use PGPASSWORD or .pgpass)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Open (and create the tables of) an Optuna RDB storage, or fail in one line."""
+    scheme = urlsplit(url).scheme.split("+")[0]
+    if scheme not in ("sqlite", "postgresql", "mysql"):
+        raise SearcherError(
+            f"--storage {redacted(url)!r}: expected a database URL such as "
+            "sqlite:///PATH/trials.db or postgresql://USER@HOST:PORT/DB"
+        )
+    engine: dict = {"connect_args": {"connect_timeout": 10}} if scheme == "postgresql" else {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+    except Exception as exc:  # sqlalchemy/driver errors have no common base worth naming
+        reason = " ".join(str(exc).split())[:200]
+        raise SearcherError(f"--storage {redacted(url)}: cannot open it: {reason}") from None
+
+
+class TrialStore:
+    """The run's study in an Optuna storage; ``resume`` opens the existing one."""
+
+    def __init__(
+        self,
+        url: str,
+        study_name: str,
+        n_levels: Sequence[int],
+        directions: int = 1,
+        resume: bool = False,
+    ) -> None:
+        self.storage = open_storage(url)
+        self.distributions = {f"g{i}": IntDistribution(0, n - 1) for i, n in enumerate(n_levels)}
+        if resume:
+            try:
+                self.study_id = self.storage.get_study_id_from_name(study_name)
+            except KeyError:
+                raise SearcherError(
+                    f"the run's study {study_name!r} is not in {redacted(url)}"
+                ) from None
+        else:
+            try:
+                self.study_id = self.storage.create_new_study(
+                    [optuna.study.StudyDirection.MINIMIZE] * directions, study_name
+                )
+            except optuna.exceptions.DuplicatedStudyError:
+                raise SearcherError(
+                    f"{redacted(url)} already holds a study named {study_name!r}: "
+                    "pick another --out"
+                ) from None
+        self.ids: dict[Candidate, int] = {}
+        self.windows: dict[Candidate, int] = {}
+        self._logged: dict[Candidate, Outcome] = {}
+        for frozen in self.storage.get_all_trials(self.study_id, deepcopy=False):
+            candidate, outcome = _parse(frozen)
+            if candidate is None:
+                continue
+            self.ids[candidate] = frozen._trial_id
+            self.windows[candidate] = len(outcome.kl)
+            self._logged[candidate] = outcome
+
+    def logged(self) -> dict[Candidate, Outcome]:
+        """The latest stored state of every candidate (for ``ReplayPool``)."""
+        return dict(self._logged)
 
     def append(self, trial: Trial) -> None:
-        if self._logged.get(trial.candidate, 0) >= trial.windows:
-            return  # replayed from this very log on resume: already on disk
-        line = {
-            "number": trial.number,
-            "genes": list(trial.candidate),
-            "origin": trial.origin,
-            "kl": trial.kl,
-            "nll": trial.nll,
-            "seconds": round(trial.seconds, 4),
-        }
-        self._file.write(json.dumps(line) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        if self.windows.get(trial.candidate, 0) >= trial.windows:
+            return  # replayed on resume: already stored
+        scores = {"kl": trial.kl, "nll": trial.nll, "seconds": round(trial.seconds, 4)}
+        step, value = trial.windows, trial.fitness()
+        trial_id = self.ids.get(trial.candidate)
+        if trial_id is None:
+            template = optuna.trial.create_trial(
+                state=TrialState.RUNNING,
+                params={f"g{i}": g for i, g in enumerate(trial.candidate)},
+                distributions=self.distributions,
+                user_attrs={
+                    "number": trial.number, "origin": trial.origin, "costs": trial.costs,
+                    "fractions": trial.fractions, "feasible": trial.feasible, "scores": scores,
+                },
+                intermediate_values={step: value},
+            )  # fmt: skip
+            self.ids[trial.candidate] = self.storage.create_new_trial(self.study_id, template)
+        else:
+            self.storage.set_trial_user_attr(trial_id, "scores", scores)
+            self.storage.set_trial_intermediate_value(trial_id, step, value)
+        self.windows[trial.candidate] = trial.windows
+
+    def finish(
+        self, trials: Iterable[Trial], full: int, values: Callable[[Trial], list[float]]
+    ) -> None:
+        """COMPLETE the candidates scored at full fidelity, PRUNE the rest."""
+        for trial in trials:
+            trial_id = self.ids.get(trial.candidate)
+            if trial_id is None or self.storage.get_trial(trial_id).state.is_finished():
+                continue
+            if trial.windows >= full:
+                self.storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values(trial))
+            else:
+                self.storage.set_trial_state_values(trial_id, TrialState.PRUNED)
 
     def close(self) -> None:
-        self._file.close()
+        self.storage.remove_session()
+        self.storage.engine.dispose()
 
 
-def read_log(path: Path) -> dict[Candidate, Outcome]:
-    """The latest logged state of every candidate; a line cut short by a kill is skipped."""
-    logged: dict[Candidate, Outcome] = {}
-    if not path.is_file():
-        return logged
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-            candidate = tuple(int(g) for g in row["genes"])
-            outcome = Outcome(
-                np.asarray(row["kl"], dtype=float), np.asarray(row["nll"], dtype=float),
-                float(row["seconds"]),
-            )  # fmt: skip
-        except (ValueError, KeyError, TypeError):
-            continue
-        if candidate not in logged or len(outcome.kl) >= len(logged[candidate].kl):
-            logged[candidate] = outcome
-    return logged
+def _parse(frozen: optuna.trial.FrozenTrial) -> tuple[Candidate | None, Outcome]:
+    try:
+        genes = tuple(int(frozen.params[f"g{i}"]) for i in range(len(frozen.params)))
+        s = frozen.user_attrs["scores"]
+        outcome = Outcome(
+            np.asarray(s["kl"], dtype=float), np.asarray(s["nll"], dtype=float),
+            float(s["seconds"]),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        return None, Outcome(np.zeros(0), np.zeros(0), 0.0)
+    return genes, outcome

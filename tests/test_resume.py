@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 
@@ -19,6 +21,12 @@ from searcher.run import resume
 
 ARGS = ["--seq-len", "32", "--importance-windows", "2", "--validation-windows", "2",
         "--offspring", "4", "--stages", "1:2,2:1", "--threads", "1", "--seed", "5"]  # fmt: skip
+
+
+def stored(run_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    """The trials in the run's own Optuna storage (SQLite in the run directory)."""
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{run_dir / 'trials.db'}")
+    return study.get_trials(deepcopy=False)
 
 
 def results(run_dir: Path) -> tuple[list, list, dict]:
@@ -52,9 +60,9 @@ def test_resume_after_a_crash_repeats_nothing_and_matches(
     code = main(["run", "--model", str(tiny_dir), "--evals", "10", "--out", str(out), *ARGS])
     assert code == 130
     assert json.loads((out / "run.json").read_text())["status"] == "running"
-    lines = (out / "trials.jsonl").read_text().splitlines()
-    logged = {tuple(json.loads(line)["genes"]) for line in lines}
+    logged = {tuple(t.params.values()) for t in stored(out)}
     assert len(logged) > 0
+    assert all(t.state == optuna.trial.TrialState.RUNNING for t in stored(out))
 
     fresh = {"jobs": 0, "starts": []}
 
@@ -76,6 +84,13 @@ def test_resume_after_a_crash_repeats_nothing_and_matches(
     # nothing logged before the crash was scored again
     assert not [c for c, start in fresh["starts"] if c in logged and start == 0]
     assert result.trials == len(genes0)
+    # one Optuna trial per candidate: full-fidelity ones COMPLETE with their KL, the rest PRUNED
+    trials = stored(out)
+    assert len(trials) == len(genes0)
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE,
+                                         optuna.trial.TrialState.PRUNED}  # fmt: skip
+    assert min(t.value for t in done) == pytest.approx(best0["calibration"]["kl"])
 
 
 def test_resume_after_sigkill(uninterrupted: Path, tiny_dir: Path, tmp_path: Path) -> None:
@@ -93,21 +108,33 @@ def test_resume_after_sigkill(uninterrupted: Path, tiny_dir: Path, tmp_path: Pat
     proc = subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    log = out / "trials.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and len(log.read_text().splitlines()) >= 6:
+        if count_stored(out) >= 6:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
-    before = len(log.read_text().splitlines())
+    before = len(stored(out))
     assert before >= 6
     assert main(["run", "--resume", str(out)]) == 0
     genes, kl, best = results(out)
     genes0, kl0, best0 = results(uninterrupted)
     assert genes == genes0 and kl == kl0 and best["genes"] == best0["genes"]
-    assert len(genes) > before // 2  # the resumed run went on past what was logged
+    assert len(genes) > before  # the resumed run went on past what was stored
+    assert len(stored(out)) == len(genes)  # and stored each candidate once
+
+
+def count_stored(run_dir: Path) -> int:
+    """Trials stored so far, read without locking out the writer."""
+    db = run_dir / "trials.db"
+    if not db.is_file():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("SELECT count(*) FROM trials").fetchone()[0]
+    except sqlite3.Error:
+        return 0
 
 
 def test_resume_errors_are_one_line(uninterrupted: Path, tmp_path: Path, capsys) -> None:
@@ -115,7 +142,7 @@ def test_resume_errors_are_one_line(uninterrupted: Path, tmp_path: Path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and "no readable run.json" in err and len(err.strip().splitlines()) == 1
     code = main(["run", "--resume", str(uninterrupted), "--budget", "flops=0.3"])
-    assert code == 2 and "drop the other flags" in capsys.readouterr().err
+    assert code == 2 and "drop all flags but" in capsys.readouterr().err
     other = tmp_path / "other"
     other.mkdir()
     info = json.loads((uninterrupted / "run.json").read_text())

@@ -1,0 +1,81 @@
+"""Connecting to Ray: a local instance sized to the workers, or an existing cluster."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit
+
+from searcher.errors import SearcherError
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+def check_address(address: str, schemes: tuple[str, ...] = ("ray",)) -> tuple[str, int] | None:
+    """Validate ``auto``, ``host:port`` or ``SCHEME://host:port``; return (host, port) to probe.
+
+    A cluster that cannot be reached fails here in seconds, with one line, instead of
+    inside Ray's own connection retries.
+    """
+    if address == "auto":
+        return None
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    scheme_ok = parts.scheme in (*schemes, "tcp") if "://" in address else True
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not scheme_ok or not parts.hostname or port is None:
+        allowed = " or ".join(f"{s}://HOST:PORT" for s in schemes)
+        raise SearcherError(f"--address {address!r}: expected auto, HOST:PORT or {allowed}")
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=5):
+            pass
+    except OSError as exc:
+        raise SearcherError(
+            f"--address {address}: cannot reach {parts.hostname}:{port} ({exc.strerror or exc}); "
+            "is the Ray head running there?"
+        ) from None
+    return parts.hostname, port
+
+
+@contextmanager
+def connected(address: str | None, cpus: int, gpus: int = 0) -> Iterator[None]:
+    """Ray, for the length of the block: the running cluster at ``address``, or a local
+    instance with ``cpus`` CPUs (and ``gpus`` GPUs) whose dashboard, if any, is on loopback.
+
+    When Ray is already initialised in this process (a notebook, a test), it is used as is.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address is not None:
+        check_address(address)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as exc:
+            raise SearcherError(
+                f"--address {address}: cannot join the Ray cluster: {exc}"
+            ) from None
+    else:
+        # Ray's notice that it turned its token authentication on (it stays on) is not news
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+        ray.init(
+            num_cpus=cpus,
+            num_gpus=gpus,
+            include_dashboard=False,
+            dashboard_host=LOOPBACK,
+            object_store_memory=512 << 20,  # windows and the dense reference: tens of MB
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -97,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trust-remote-code", action="store_true", default=s,
                    help="allow the model directory's own Python code to run")  # fmt: skip
 
+    j = sub.add_parser(
+        "submit", parents=[common],
+        help="run a searcher command on a Ray cluster as a Ray job",
+        description="Submit `searcher ARGS` as a Ray job: searcher's code, this directory "
+        "and searcher's pinned requirements travel as the job's runtime environment.",
+    )  # fmt: skip
+    j.add_argument("--address", required=True, metavar="URL",
+                   help="the cluster's dashboard, e.g. http://HEAD:8265")  # fmt: skip
+    j.add_argument("--working-dir", default=".", help="shipped as the job's working directory")
+    j.add_argument("--no-requirements", action="store_true",
+                   help="the cluster has searcher's dependencies: ship no pip list")  # fmt: skip
+    j.add_argument("--wait", action="store_true", help="print the job's logs until it ends")
+    j.add_argument("args", nargs=argparse.REMAINDER, metavar="-- run ARGS",
+                   help="the searcher command to run")  # fmt: skip
+
     e = sub.add_parser(
         "eval", parents=[common], help="score a saved config (best.json or pareto.json) on text"
     )
@@ -212,6 +227,23 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"  cost: {fr} of dense")
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from searcher.submit import submit
+
+    command = args.args[1:] if args.args[:1] == ["--"] else args.args
+    result = submit(
+        args.address, command, args.working_dir, not args.no_requirements, args.wait,
+        on_log=lambda text: print(text, end="", flush=True),
+    )  # fmt: skip
+    if result.status is None:
+        print(f"submitted job {result.job_id} to {result.address}")
+        print(f"  follow it:  ray job logs --address {result.address} --follow {result.job_id}")
+        print(f"  its status: ray job status --address {result.address} {result.job_id}")
+        return 0
+    print(f"job {result.job_id}: {result.status}", file=sys.stderr)
+    return 0 if result.status == "SUCCEEDED" else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -222,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_libraries()
         if args.command == "run":
             _run(args)
+        elif args.command == "submit":
+            return _submit(args)
         else:
             _eval(args)
     except SearcherError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,6 +56,8 @@ def connected(address: str | None, cpus: int, gpus: int = 0) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]  # inside a Ray job: use the job's cluster
     if address is not None:
         check_address(address)
         try:
@@ -67,10 +70,12 @@ def connected(address: str | None, cpus: int, gpus: int = 0) -> Iterator[None]:
         # Ray's notice that it turned its token authentication on (it stays on) is not news
         logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
         ray.init(
+            address="local",  # a new instance, never a cluster someone else started here
             num_cpus=cpus,
             num_gpus=gpus,
             include_dashboard=False,
             dashboard_host=LOOPBACK,
+            _node_ip_address=LOOPBACK,  # Ray's own servers listen on loopback only
             object_store_memory=512 << 20,  # windows and the dense reference: tens of MB
             logging_level=logging.WARNING,
             log_to_driver=False,

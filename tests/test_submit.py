@@ -1,0 +1,104 @@
+"""`searcher submit` against a Ray head started here, on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from searcher.cli import main
+
+ARGS = ["--seq-len", "32", "--importance-windows", "2", "--validation-windows", "2",
+        "--offspring", "4", "--stages", "1:2,2:1", "--threads", "1", "--evals", "6"]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(port: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head (with its job server) on loopback, stopped with its whole process group."""
+    bindir = Path(sys.executable).parent
+    dashboard = free_port()
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    with log.open("w") as out:
+        head = subprocess.Popen(
+            [str(bindir / "ray"), "start", "--head", "--block", f"--port={free_port()}",
+             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}", "--include-dashboard=true", "--num-cpus=2",
+             "--disable-usage-stats", f"--temp-dir={temp}"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        if not wait_for(dashboard, 90):
+            pytest.fail(f"the Ray head did not start: {log.read_text()[-2000:]}")
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)  # the job's environment (a venv copy) is here
+
+
+def test_submit_runs_the_search_as_a_ray_job(ray_head: str, tiny_dir: Path, tmp_path, capsys,
+                                             monkeypatch):  # fmt: skip
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the head made a token in ~/.ray
+    out = tmp_path / "job-run"
+    code = main(["submit", "--address", ray_head, "--wait", "--working-dir", str(tmp_path), "--",
+                 "run", "--model", str(tiny_dir), "--out", str(out), *ARGS])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.out[-3000:] + captured.err[-3000:]
+    assert "SUCCEEDED" in captured.err
+    assert "validation KL" in captured.out  # the job's own summary, streamed back
+    best = json.loads((out / "best.json").read_text())
+    assert best["fractions"]["flops"] <= 0.5
+    assert (out / "trials.db").is_file()
+
+
+def test_submit_without_wait_prints_how_to_follow(ray_head: str, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    code = main(["submit", "--address", ray_head, "--no-requirements", "--working-dir",
+                 str(tmp_path), "--", "eval", str(tmp_path / "missing.json")])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0 and "submitted job raysubmit_" in printed
+    assert f"ray job logs --address {ray_head} --follow raysubmit_" in printed
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--address", "http://127.0.0.1:1", "--", "run"], "cannot reach 127.0.0.1:1"),
+     (["--address", "ray://127.0.0.1:1", "--", "run"], "expected auto, HOST:PORT"),
+     (["--address", "http://127.0.0.1:1", "--", "rm", "-rf"], "give the command after --")],
+)  # fmt: skip
+def test_submit_bad_input_is_one_line(args, message, capsys) -> None:
+    code = main(["submit", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -4,7 +4,7 @@ The same N fixed random on-budget candidates are scored at full fidelity, one at
 one CPU, by
   pool: searcher.workers.RayPool with 1 worker, ``pool.run([Job(candidate, 0, full), ...])``;
   tune: searcher.tune.CandidateTrainable in a Tune experiment (reuse_actors, 1 CPU per trial,
-        max_concurrent_trials=1, FIFO, BasicVariantGenerator with the candidates as
+        one trial at a time, FIFO, BasicVariantGenerator with the candidates as
         points_to_evaluate), one window per training iteration.
 Overhead per candidate = (wall time - sum of in-worker scoring seconds) / N, in ms and as a
 fraction of the mean scoring time. Tune is shown twice: steady state (from the first trial's
@@ -85,8 +85,10 @@ def bench_tune(spec: RunSpec, cands: list[tuple[int, ...]], storage: Path) -> li
         param_space=space,
         tune_config=tune.TuneConfig(
             metric="kl", mode="min", num_samples=len(cands),
-            search_alg=BasicVariantGenerator(points_to_evaluate=points),
-            scheduler=FIFOScheduler(), reuse_actors=True, max_concurrent_trials=1,
+            # one trial at a time: Tune 2.60 ignores TuneConfig(max_concurrent_trials) for a
+            # BasicVariantGenerator (it only wraps a Searcher), so the generator limits it
+            search_alg=BasicVariantGenerator(points_to_evaluate=points, max_concurrent=1),
+            scheduler=FIFOScheduler(), reuse_actors=True,
         ),
         run_config=tune.RunConfig(storage_path=str(storage), name="bench", verbose=0),
     )  # fmt: skip

@@ -84,15 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=s,
         help="parallel evaluations on Ray actors (default 1: in this process)",
     )
-    r.add_argument(
-        "--address",
-        default=s,
-        metavar="ADDR",
-        help="join a Ray cluster: auto, HOST:PORT or ray://HOST:PORT",
-    )
+    r.add_argument("--address", default=s, metavar="ADDR",
+                   help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (local: a "
+                   "new local instance, even for one worker)")  # fmt: skip
     r.add_argument("--storage", default=s, metavar="URL",
-                   help="Optuna storage for the trials, e.g. postgresql://user@host/db "
-                   "(default: SQLite in the run directory)")  # fmt: skip
+                   help="Optuna storage of the trials: postgresql://USER@HOST/DB, "
+                   "sqlite:///PATH.db or a journal file (default: RUN_DIR/trials.journal)",
+                   )  # fmt: skip
     r.add_argument("--out", default=s, help="run directory (default results/<run-id>)")
     r.add_argument("--trust-remote-code", action="store_true", default=s,
                    help="allow the model directory's own Python code to run")  # fmt: skip

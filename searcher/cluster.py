@@ -17,12 +17,13 @@ LOOPBACK = "127.0.0.1"
 
 
 def check_address(address: str, schemes: tuple[str, ...] = ("ray",)) -> tuple[str, int] | None:
-    """Validate ``auto``, ``host:port`` or ``SCHEME://host:port``; return (host, port) to probe.
+    """Validate ``auto``, ``local`` (a new local instance), ``host:port`` or
+    ``SCHEME://host:port``; return (host, port) to probe.
 
     A cluster that cannot be reached fails here in seconds, with one line, instead of
     inside Ray's own connection retries.
     """
-    if address == "auto":
+    if address in ("auto", "local"):
         return None
     parts = urlsplit(address if "://" in address else f"tcp://{address}")
     scheme_ok = parts.scheme in (*schemes, "tcp") if "://" in address else True
@@ -58,6 +59,8 @@ def connected(address: str | None, cpus: int, gpus: int = 0) -> Iterator[None]:
         return
     if address is None and os.environ.get("RAY_ADDRESS"):
         address = os.environ["RAY_ADDRESS"]  # inside a Ray job: use the job's cluster
+    if address == "local":
+        address = None
     if address is not None:
         check_address(address)
         try:

@@ -67,6 +67,7 @@ class Engine:
         self.on_progress = on_progress
         self.trials: dict[Candidate, Trial] = {}
         self.spent_windows = 0
+        self.jobs = 0  # scoring jobs sent to the pool
         self.max_stalled = 20
 
     def run(self) -> dict[Candidate, Trial]:
@@ -96,6 +97,7 @@ class Engine:
             if trial.windows < windows:
                 jobs.append(Job(candidate, trial.windows, windows))
                 owners.append(trial)
+        self.jobs += len(jobs)
         for trial, outcome in zip(owners, self.pool.run(jobs), strict=True):
             trial.kl.extend(outcome.kl.tolist())
             trial.nll.extend(outcome.nll.tolist())

@@ -29,7 +29,7 @@ from searcher.pool import LocalPool, Pool, ReplayPool
 from searcher.problem import Problem
 from searcher.results import front, plot_front, trials_frame, write_json
 from searcher.spec import RunSpec
-from searcher.store import TrialStore, default_url, open_storage, redacted
+from searcher.store import TrialStore, close_storage, default_url, open_storage, redacted
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def entry(space: spaces.SearchSpace, trial: Trial, full: int) -> dict[str, Any]:
 @contextmanager
 def scoring_pool(spec: RunSpec, session: Session, evaluator: Evaluator) -> Iterator[Pool]:
     """In this process for one local worker, else a Ray actor pool (local or on a cluster)."""
-    if spec.workers == 1 and spec.address is None:
+    if spec.workers == 1 and spec.address is None:  # ("local": a Ray instance all the same)
         yield LocalPool(evaluator)
         return
     from searcher import cluster
@@ -235,7 +235,7 @@ def run(
 
         check_address(spec.address)  # an unreachable cluster fails before the model loads
     if spec.storage is not None and not resume:
-        open_storage(spec.storage).engine.dispose()  # a bad URL fails before the model loads
+        close_storage(open_storage(spec.storage))  # a bad URL fails before the model loads
     torch.set_num_threads(spec.threads)
     out = Path(spec.out) if spec.out else _default_out(spec)
     previous: dict[str, Any] = {}
@@ -309,6 +309,7 @@ def run(
             t0 = time.perf_counter()
             on_phase(f"searching ({spec.algo})")
             engine.run()
+            timings["search"] = time.perf_counter() - t0  # without stopping the workers
             retries = getattr(scorer, "retries", 0)
         store.finish(
             engine.trials.values(), full,
@@ -316,7 +317,6 @@ def run(
         )  # fmt: skip
     finally:
         store.close()
-    timings["search"] = time.perf_counter() - t0
     best = engine.best()
     if best is None:
         raise SearcherError("the search scored no candidate at full fidelity: raise --evals")
@@ -371,6 +371,7 @@ def run(
         timings={k: round(v, 2) for k, v in timings.items()},
         trials=len(trials),
         evals=round(engine.spent_windows / full, 3),
+        jobs=engine.jobs,
         replayed_evals=round(pool.replayed_windows / full, 3),
         worker_retries=retries,
         full_windows=full,

@@ -4,8 +4,12 @@ One Optuna trial per candidate: its genes are the params, its per-window scores 
 attribute, and its mean KL after each fidelity step an intermediate value. While the search
 runs, trials are RUNNING; when it ends, candidates scored at full fidelity become COMPLETE
 with their objective values and the ones the multi-fidelity selection dropped become PRUNED,
-so optuna-dashboard shows the search as Optuna users know it. The storage is a SQLite file
-in the run directory unless ``--storage`` names a database.
+so optuna-dashboard shows the search as Optuna users know it.
+
+The default storage is an Optuna journal file in the run directory: each write is one fsynced
+append (1-2 ms for a new trial of 60 genes, measured), where Optuna's SQLite storage takes
+20-45 ms, which would be felt between fast evaluations. ``--storage`` takes a database URL
+(PostgreSQL, MySQL, SQLite) for runs that many people or machines read.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import optuna
 from optuna.distributions import IntDistribution
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from searcher.engine import Trial
@@ -27,11 +33,13 @@ from searcher.problem import Candidate
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FILE = "trials.db"
+DEFAULT_FILE = "trials.journal"
+DATABASES = ("sqlite", "postgresql", "mysql")
 
 
 def default_url(run_dir: Path) -> str:
-    return f"sqlite:///{(run_dir / DEFAULT_FILE).resolve()}"
+    """The run directory's journal file (a path: Optuna journal storages have no URL)."""
+    return str((run_dir / DEFAULT_FILE).resolve())
 
 
 def redacted(url: str) -> str:
@@ -44,21 +52,32 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Open (and create the tables of) an Optuna RDB storage, or fail in one line."""
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """A database URL (RDB storage, tables created) or a journal file path; else one line."""
     scheme = urlsplit(url).scheme.split("+")[0]
-    if scheme not in ("sqlite", "postgresql", "mysql"):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if "://" not in url:
+        path = Path(url)
+        if not path.parent.is_dir():
+            raise SearcherError(f"--storage {url}: directory {path.parent} does not exist")
+        return JournalStorage(JournalFileBackend(str(path)))
+    if scheme not in DATABASES:
         raise SearcherError(
             f"--storage {redacted(url)!r}: expected a database URL such as "
-            "sqlite:///PATH/trials.db or postgresql://USER@HOST:PORT/DB"
+            "postgresql://USER@HOST:PORT/DB or sqlite:///PATH.db, or a journal file path"
         )
     engine: dict = {"connect_args": {"connect_timeout": 10}} if scheme == "postgresql" else {}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine)
     except Exception as exc:  # sqlalchemy/driver errors have no common base worth naming
         reason = " ".join(str(exc).split())[:200]
         raise SearcherError(f"--storage {redacted(url)}: cannot open it: {reason}") from None
+
+
+def close_storage(storage: optuna.storages.BaseStorage) -> None:
+    if isinstance(storage, optuna.storages.RDBStorage):
+        storage.remove_session()
+        storage.engine.dispose()
 
 
 class TrialStore:
@@ -143,8 +162,7 @@ class TrialStore:
                 self.storage.set_trial_state_values(trial_id, TrialState.PRUNED)
 
     def close(self) -> None:
-        self.storage.remove_session()
-        self.storage.engine.dispose()
+        close_storage(self.storage)
 
 
 def _parse(frozen: optuna.trial.FrozenTrial) -> tuple[Candidate | None, Outcome]:

@@ -25,23 +25,20 @@ a new trial only switches the candidate (``reset_config``).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from searcher import cluster
 from searcher.algorithms import parse_stages
 from searcher.budget import Budget
 from searcher.errors import SearcherError
@@ -247,36 +244,13 @@ def tune_search(
         ),
         run_config=tune.RunConfig(storage_path=storage_path, name=name, verbose=0),
     )  # fmt: skip
-    with _ray(spec.address, max(os.cpu_count() or 1, spec.threads), gpus):
+    with cluster.connected(spec.address, max(os.cpu_count() or 1, spec.threads), gpus):
         return tuner.fit()
 
 
 def _trial_dirname(trial: Any) -> str:
     """Short trial directories (Tune's default name spells out the whole spec)."""
     return f"candidate_{trial.trial_id}"
-
-
-@contextmanager
-def _ray(address: str | None, cpus: int, gpus: int) -> Iterator[None]:
-    """The running Ray instance as is; else the cluster at ``address``; else a new local
-    instance (``address="local"``: never one that ``ray start`` left running on this machine,
-    which a bare ``ray.init()`` would join), shut down on exit."""
-    if ray.is_initialized() or address is not None:
-        from searcher import cluster
-
-        with cluster.connected(address, cpus, gpus):
-            yield
-        return
-    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-    ray.init(
-        address="local", num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
-        dashboard_host="127.0.0.1", object_store_memory=512 << 20,
-        logging_level=logging.WARNING, log_to_driver=False,
-    )  # fmt: skip
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def best_candidate(grid: tune.ResultGrid) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,15 +17,16 @@ import pytest
 from searcher.cli import main
 from searcher.pool import LocalPool
 from searcher.run import resume
+from searcher.store import open_storage
 
 ARGS = ["--seq-len", "32", "--importance-windows", "2", "--validation-windows", "2",
         "--offspring", "4", "--stages", "1:2,2:1", "--threads", "1", "--seed", "5"]  # fmt: skip
 
 
 def stored(run_dir: Path) -> list[optuna.trial.FrozenTrial]:
-    """The trials in the run's own Optuna storage (SQLite in the run directory)."""
-    study = optuna.load_study(study_name=None, storage=f"sqlite:///{run_dir / 'trials.db'}")
-    return study.get_trials(deepcopy=False)
+    """The trials in the run's own Optuna storage (a journal file in the run directory)."""
+    storage = open_storage(str(run_dir / "trials.journal"))
+    return optuna.load_study(study_name=None, storage=storage).get_trials(deepcopy=False)
 
 
 def results(run_dir: Path) -> tuple[list, list, dict]:
@@ -126,14 +126,12 @@ def test_resume_after_sigkill(uninterrupted: Path, tiny_dir: Path, tmp_path: Pat
 
 
 def count_stored(run_dir: Path) -> int:
-    """Trials stored so far, read without locking out the writer."""
-    db = run_dir / "trials.db"
-    if not db.is_file():
+    """Trials stored so far (0 while the journal does not exist yet)."""
+    if not (run_dir / "trials.journal").is_file():
         return 0
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-            return con.execute("SELECT count(*) FROM trials").fetchone()[0]
-    except sqlite3.Error:
+        return len(stored(run_dir))
+    except (ValueError, KeyError):  # no study written yet
         return 0
 
 

@@ -1,4 +1,4 @@
-"""Trials in an Optuna storage: SQLite in the run directory, or a database (PostgreSQL)."""
+"""Trials in an Optuna storage: a journal file in the run directory, or a database."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from searcher.cli import main
-from searcher.store import redacted
+from searcher.store import open_storage, redacted
 
 ARGS = ["--seq-len", "32", "--importance-windows", "2", "--validation-windows", "2",
         "--offspring", "4", "--stages", "1:2,2:1", "--threads", "1", "--seed", "2",
@@ -20,7 +20,7 @@ ARGS = ["--seq-len", "32", "--importance-windows", "2", "--validation-windows", 
 
 def check_study(url: str, study: str, run_dir: Path) -> None:
     """The storage holds one trial per candidate, with the run's scores."""
-    trials = optuna.load_study(study_name=study, storage=url).get_trials()
+    trials = optuna.load_study(study_name=study, storage=open_storage(url)).get_trials()
     frame = pd.read_parquet(run_dir / "trials.parquet")
     assert len(trials) == len(frame)
     by_genes = {tuple(t.params[f"g{i}"] for i in range(len(t.params))): t for t in trials}
@@ -33,12 +33,19 @@ def check_study(url: str, study: str, run_dir: Path) -> None:
     assert min(t.value for t in feasible) == pytest.approx(best["calibration"]["kl"])
 
 
-def test_default_storage_is_sqlite_in_the_run_dir(tiny_dir: Path, tmp_path: Path) -> None:
+def test_default_storage_is_a_journal_in_the_run_dir(tiny_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     assert main(["run", "--model", str(tiny_dir), "--out", str(out), *ARGS]) == 0
     info = json.loads((out / "run.json").read_text())
-    assert info["storage"] == {"url": f"sqlite:///{out / 'trials.db'}", "study": "run"}
+    assert info["storage"] == {"url": str(out / "trials.journal"), "study": "run"}
     check_study(info["storage"]["url"], "run", out)
+
+
+def test_sqlite_storage(tiny_dir: Path, tmp_path: Path) -> None:
+    out, url = tmp_path / "run", f"sqlite:///{tmp_path / 'all-runs.db'}"
+    assert main(["run", "--model", str(tiny_dir), "--out", str(out), "--storage", url,
+                 *ARGS]) == 0  # fmt: skip
+    check_study(url, "run", out)
 
 
 @pytest.fixture
@@ -57,7 +64,7 @@ def test_postgresql_backed_run_and_resume(postgres: str, tiny_dir: Path, tmp_pat
     assert main(args) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["storage"] == {"url": postgres, "study": "pg-run"}
-    assert not (out / "trials.db").exists()
+    assert not (out / "trials.journal").exists()
     check_study(postgres, "pg-run", out)
     # a resume reads the database back: everything replayed, nothing scored again
     assert main(["run", "--resume", str(out)]) == 0
@@ -75,7 +82,8 @@ def test_postgresql_backed_run_and_resume(postgres: str, tiny_dir: Path, tmp_pat
     ("url", "message"),
     [("postgresql://nobody:secret@127.0.0.1:1/db", "cannot open it"),
      ("redis://127.0.0.1/0", "expected a database URL"),
-     ("sqlite:////no/such/dir/trials.db", "cannot open it")],
+     ("sqlite:////no/such/dir/trials.db", "cannot open it"),
+     ("/no/such/dir/trials.journal", "does not exist")],
 )  # fmt: skip
 def test_bad_storage_is_one_line(url: str, message: str, tiny_dir: Path, tmp_path, capsys):
     code = main(["run", "--model", str(tiny_dir), "--storage", url, "--out", str(tmp_path)])

@@ -80,7 +80,7 @@ def test_submit_runs_the_search_as_a_ray_job(ray_head: str, tiny_dir: Path, tmp_
     assert "validation KL" in captured.out  # the job's own summary, streamed back
     best = json.loads((out / "best.json").read_text())
     assert best["fractions"]["flops"] <= 0.5
-    assert (out / "trials.db").is_file()
+    assert (out / "trials.journal").is_file()
 
 
 def test_submit_without_wait_prints_how_to_follow(ray_head: str, tmp_path, capsys, monkeypatch):

@@ -31,7 +31,7 @@ ARGS = ["--seq-len", "32", "--importance-windows", "2", "--validation-windows", 
 @pytest.fixture(scope="module")
 def ray_local():
     """One local Ray instance for the module (starting one takes seconds)."""
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
              log_to_driver=False, logging_level=logging.WARNING)  # fmt: skip
     yield
     ray.shutdown()

@@ -68,28 +68,31 @@ def ray_head(tmp_path_factory):
         shutil.rmtree(temp, ignore_errors=True)  # the job's environment (a venv copy) is here
 
 
-def test_submit_runs_the_search_as_a_ray_job(ray_head: str, tiny_dir: Path, tmp_path, capsys,
-                                             monkeypatch):  # fmt: skip
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # the head made a token in ~/.ray
+def searcher(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in its own process, as a user runs it (Ray reads RAY_AUTH_MODE once per
+    process, so this also keeps other tests' Ray settings out)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # the head made a token in ~/.ray
+    return subprocess.run([sys.executable, "-m", "searcher", *args], capture_output=True,
+                          text=True, env=env, timeout=600)  # fmt: skip
+
+
+def test_submit_runs_the_search_as_a_ray_job(ray_head: str, tiny_dir: Path, tmp_path):
     out = tmp_path / "job-run"
-    code = main(["submit", "--address", ray_head, "--wait", "--working-dir", str(tmp_path), "--",
-                 "run", "--model", str(tiny_dir), "--out", str(out), *ARGS])  # fmt: skip
-    captured = capsys.readouterr()
-    assert code == 0, captured.out[-3000:] + captured.err[-3000:]
-    assert "SUCCEEDED" in captured.err
-    assert "validation KL" in captured.out  # the job's own summary, streamed back
+    done = searcher("submit", "--address", ray_head, "--wait", "--working-dir", str(tmp_path),
+                    "--", "run", "--model", str(tiny_dir), "--out", str(out), *ARGS)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "SUCCEEDED" in done.stderr
+    assert "validation KL" in done.stdout  # the job's own summary, streamed back
     best = json.loads((out / "best.json").read_text())
     assert best["fractions"]["flops"] <= 0.5
     assert (out / "trials.journal").is_file()
 
 
-def test_submit_without_wait_prints_how_to_follow(ray_head: str, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    code = main(["submit", "--address", ray_head, "--no-requirements", "--working-dir",
-                 str(tmp_path), "--", "eval", str(tmp_path / "missing.json")])  # fmt: skip
-    printed = capsys.readouterr().out
-    assert code == 0 and "submitted job raysubmit_" in printed
-    assert f"ray job logs --address {ray_head} --follow raysubmit_" in printed
+def test_submit_without_wait_prints_how_to_follow(ray_head: str, tmp_path):
+    done = searcher("submit", "--address", ray_head, "--no-requirements", "--working-dir",
+                    str(tmp_path), "--", "eval", str(tmp_path / "missing.json"))  # fmt: skip
+    assert done.returncode == 0 and "submitted job raysubmit_" in done.stdout, done.stderr
+    assert f"ray job logs --address {ray_head} --follow raysubmit_" in done.stdout
 
 
 @pytest.mark.parametrize(

@@ -140,12 +140,14 @@ class RayPool(Pool):
         reviving: dict[Any, int] = {}  # load() future of a restarting worker -> worker
         load = dict.fromkeys(range(len(self.actors)), 0)
         while queue or calls:
-            for w in self.live:
-                while queue and load[w] < self.depth:
-                    i = queue.popleft()
-                    job = jobs[i]
-                    call = self.actors[w].score.remote(job.candidate, job.start, job.stop)
-                    calls[call], load[w] = (i, w), load[w] + 1
+            # breadth first: every free worker gets a job before any gets a second one
+            for level in range(self.depth):
+                for w in self.live:
+                    if queue and load[w] <= level:
+                        i = queue.popleft()
+                        job = jobs[i]
+                        call = self.actors[w].score.remote(job.candidate, job.start, job.stop)
+                        calls[call], load[w] = (i, w), load[w] + 1
             if not calls and not reviving:
                 raise SearcherError("every worker has died; see the log for why")
             done, _ = ray.wait([*calls, *reviving], num_returns=1)

@@ -127,7 +127,7 @@ class RayPool(Pool):
         self.actors = [actor.remote(setup) for _ in range(workers)]
         try:
             self.pids = ray.get([a.load.remote(self.shared) for a in self.actors])
-        except ray.exceptions.RayActorError as exc:
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             self.close()
             raise SearcherError(f"a worker could not start: {_cause(exc)}") from None
         self.live = list(range(workers))
@@ -159,6 +159,11 @@ class RayPool(Pool):
                 load[w] -= 1
                 try:
                     results[i] = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:  # scoring itself failed: no retry
+                    raise SearcherError(
+                        f"scoring candidate {list(jobs[i].candidate)} failed on worker {w}: "
+                        f"{_cause(exc)}"
+                    ) from None
                 except ray.exceptions.RayActorError as exc:
                     tries[i] += 1
                     self.retries += 1

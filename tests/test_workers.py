@@ -17,6 +17,7 @@ import pytest
 import ray
 
 from searcher.cli import main
+from searcher.errors import SearcherError
 from searcher.fitness import Evaluator
 from searcher.pool import Job, LocalPool
 from searcher.run import open_session
@@ -100,3 +101,16 @@ def test_bad_address_is_one_line(address: str, message: str, tiny_dir: Path, tmp
     code = main(["run", "--model", str(tiny_dir), "--address", address, "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_worker_that_builds_another_space_refuses(ray_local, tiny_dir: Path) -> None:
+    session = open_session(str(tiny_dir), None, "width", {}, 32, 2, 1, 2, 4, "cpu", "float32",
+                           False)  # fmt: skip
+    evaluator = Evaluator(
+        session.loaded.model, session.windows.calibration, session.space.apply,
+        session.space.dense(), 4,
+    )  # fmt: skip
+    setup = WorkerSetup(str(tiny_dir), "cpu", "float32", False, "width", {}, 32, 4, 2, 2,
+                        "0" * 16)  # as if the driver had other weights  # fmt: skip
+    with pytest.raises(SearcherError, match="built a different width space than the driver"):
+        RayPool(setup, session.windows.calibration, evaluator.reference(), workers=1)

@@ -29,7 +29,7 @@ from searcher.pool import LocalPool, Pool, ReplayPool
 from searcher.problem import Problem
 from searcher.results import front, plot_front, trials_frame, write_json
 from searcher.spec import RunSpec
-from searcher.store import TrialStore, close_storage, default_url, open_storage, redacted
+from searcher.store import DEFAULT_FILE, TrialStore, close_storage, located, open_storage, redacted
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,8 @@ def run(
 
         check_address(spec.address)  # an unreachable cluster fails before the model loads
     if spec.storage is not None and not resume:
+        if "://" not in spec.storage:  # a journal file given relative to where the user is
+            spec.storage = str(Path(spec.storage).resolve())
         close_storage(open_storage(spec.storage))  # a bad URL fails before the model loads
     torch.set_num_threads(spec.threads)
     out = Path(spec.out) if spec.out else _default_out(spec)
@@ -274,11 +276,11 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     header = config_header(session, spec)
     storage = previous.get("storage") or {
-        "url": redacted(spec.storage or default_url(out)),
+        "url": redacted(spec.storage) if spec.storage else DEFAULT_FILE,  # in the run dir
         "study": out.resolve().name,
     }
     run_info: dict[str, Any] = {
-        "spec": {**spec.to_dict(), "storage": storage["url"]},
+        "spec": {**spec.to_dict(), "storage": redacted(spec.storage) if spec.storage else None},
         "storage": storage,
         "status": "running",
         "started": previous.get("started") or dt.datetime.now().isoformat(timespec="seconds"),
@@ -294,7 +296,11 @@ def run(
     write_json(out / "run.json", run_info)
     objectives = spec.objectives.split(",")
     store = TrialStore(
-        spec.storage or storage["url"], storage["study"], problem.n_levels, len(objectives), resume
+        located(spec.storage or storage["url"], out),
+        storage["study"],
+        problem.n_levels,
+        len(objectives),
+        resume,
     )
     logged = store.logged()
     t0 = time.perf_counter()

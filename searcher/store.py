@@ -37,9 +37,12 @@ DEFAULT_FILE = "trials.journal"
 DATABASES = ("sqlite", "postgresql", "mysql")
 
 
-def default_url(run_dir: Path) -> str:
-    """The run directory's journal file (a path: Optuna journal storages have no URL)."""
-    return str((run_dir / DEFAULT_FILE).resolve())
+def located(url: str, run_dir: Path) -> str:
+    """A journal path relative to the run directory (the default ``trials.journal``, so a
+    moved run directory still resumes) made absolute; URLs and absolute paths as they are."""
+    if "://" in url or Path(url).is_absolute():
+        return url
+    return str((run_dir / url).resolve())
 
 
 def redacted(url: str) -> str:

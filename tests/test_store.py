@@ -37,8 +37,13 @@ def test_default_storage_is_a_journal_in_the_run_dir(tiny_dir: Path, tmp_path: P
     out = tmp_path / "run"
     assert main(["run", "--model", str(tiny_dir), "--out", str(out), *ARGS]) == 0
     info = json.loads((out / "run.json").read_text())
-    assert info["storage"] == {"url": str(out / "trials.journal"), "study": "run"}
-    check_study(info["storage"]["url"], "run", out)
+    assert info["storage"] == {"url": "trials.journal", "study": "run"}  # relative: movable
+    check_study(str(out / "trials.journal"), "run", out)
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    assert main(["run", "--resume", str(moved)]) == 0
+    again = json.loads((moved / "run.json").read_text())
+    assert again["replayed_evals"] == again["evals"] == info["evals"]
 
 
 def test_sqlite_storage(tiny_dir: Path, tmp_path: Path) -> None:

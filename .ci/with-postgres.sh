@@ -7,7 +7,7 @@
 # package) CMD runs alone and the PostgreSQL test skips, unless SEARCHER_REQUIRE_POSTGRES=1.
 set -euo pipefail
 
-pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+pg_bin() { { ls -d /usr/lib/postgresql/*/bin 2>/dev/null || true; } | sort -V | tail -n 1; }
 
 BIN="$(pg_bin)"
 if [ -z "$BIN" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from searcher.algorithms.base import Algorithm, Request, Result
-from searcher.pool import Job, Pool
+from searcher.pool import Job, Outcome, Pool
 from searcher.problem import Candidate, Problem
 
 log = logging.getLogger(__name__)
@@ -98,12 +98,21 @@ class Engine:
                 jobs.append(Job(candidate, trial.windows, windows))
                 owners.append(trial)
         self.jobs += len(jobs)
-        for trial, outcome in zip(owners, self.pool.run(jobs), strict=True):
+
+        fired: set[int] = set()
+
+        def done(i: int, outcome: Outcome) -> None:  # as each job finishes: stored at once
+            fired.add(i)
+            trial = owners[i]
             trial.kl.extend(outcome.kl.tolist())
             trial.nll.extend(outcome.nll.tolist())
             trial.seconds += outcome.seconds
             self.spent_windows += len(outcome.kl)
             self.record(trial)
+
+        outcomes = self.pool.run(jobs, done)
+        for i in sorted(set(range(len(jobs))) - fired):  # a pool that reports only at the end
+            done(i, outcomes[i])
         return [Result(r.candidate, r.windows, self.trials[r.candidate].fitness(r.windows))
                 for r in requests]  # fmt: skip
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,10 +27,14 @@ class Outcome:
     seconds: float
 
 
+OnOutcome = Callable[[int, Outcome], None]
+
+
 class Pool(ABC):
     @abstractmethod
-    def run(self, jobs: list[Job]) -> list[Outcome]:
-        """Score every job; outcomes in job order."""
+    def run(self, jobs: list[Job], on_outcome: OnOutcome | None = None) -> list[Outcome]:
+        """Score every job; outcomes in job order. ``on_outcome(index, outcome)`` is called
+        as each job finishes, so that it can be stored before the rest of the batch is done."""
 
 
 class LocalPool(Pool):
@@ -38,12 +43,14 @@ class LocalPool(Pool):
     def __init__(self, evaluator: Evaluator) -> None:
         self.evaluator = evaluator
 
-    def run(self, jobs: list[Job]) -> list[Outcome]:
+    def run(self, jobs: list[Job], on_outcome: OnOutcome | None = None) -> list[Outcome]:
         out = []
-        for job in jobs:
+        for i, job in enumerate(jobs):
             t0 = time.perf_counter()
             scores = self.evaluator.score(job.candidate, job.start, job.stop)
             out.append(Outcome(scores.kl, scores.nll, time.perf_counter() - t0))
+            if on_outcome is not None:
+                on_outcome(i, out[-1])
         return out
 
 
@@ -61,30 +68,33 @@ class ReplayPool(Pool):
         self.logged = logged
         self.replayed_windows = 0
 
-    def run(self, jobs: list[Job]) -> list[Outcome]:
-        fresh, plan = [], []
-        for job in jobs:
+    def run(self, jobs: list[Job], on_outcome: OnOutcome | None = None) -> list[Outcome]:
+        fresh, owner, replayed = [], [], {}
+        for i, job in enumerate(jobs):
             got = self.logged.get(job.candidate)
             n = 0 if got is None else max(0, min(len(got.kl), job.stop) - job.start)
-            if job.start + n < job.stop:
-                fresh.append(Job(job.candidate, job.start + n, job.stop))
-            plan.append((job, got, n))
-        computed = iter(self.inner.run(fresh))
-        out = []
-        for job, got, n in plan:
-            parts = []
             if n:
                 share = got.seconds * n / len(got.kl)
                 span = slice(job.start, job.start + n)
-                parts.append(Outcome(got.kl[span], got.nll[span], share))
+                replayed[i] = Outcome(got.kl[span], got.nll[span], share)
                 self.replayed_windows += n
             if job.start + n < job.stop:
-                parts.append(next(computed))
-            out.append(
-                Outcome(
-                    np.concatenate([p.kl for p in parts]),
-                    np.concatenate([p.nll for p in parts]),
-                    sum(p.seconds for p in parts),
-                )
+                fresh.append(Job(job.candidate, job.start + n, job.stop))
+                owner.append(i)
+        out: list[Outcome | None] = [None] * len(jobs)
+
+        def finish(i: int, computed: Outcome | None) -> None:
+            parts = [p for p in (replayed.get(i), computed) if p is not None]
+            out[i] = Outcome(
+                np.concatenate([p.kl for p in parts]),
+                np.concatenate([p.nll for p in parts]),
+                sum(p.seconds for p in parts),
             )
-        return out
+            if on_outcome is not None:
+                on_outcome(i, out[i])
+
+        for i in sorted(set(range(len(jobs))) - set(owner)):
+            finish(i, None)  # wholly replayed
+        if fresh:
+            self.inner.run(fresh, lambda k, outcome: finish(owner[k], outcome))
+        return out  # type: ignore[return-value]

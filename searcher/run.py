@@ -29,7 +29,15 @@ from searcher.pool import LocalPool, Pool, ReplayPool
 from searcher.problem import Problem
 from searcher.results import front, plot_front, trials_frame, write_json
 from searcher.spec import RunSpec
-from searcher.store import DEFAULT_FILE, TrialStore, close_storage, located, open_storage, redacted
+from searcher.store import (
+    DEFAULT_FILE,
+    TrialStore,
+    close_storage,
+    has_password,
+    located,
+    open_storage,
+    redacted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -234,10 +242,6 @@ def run(
         from searcher.cluster import check_address
 
         check_address(spec.address)  # an unreachable cluster fails before the model loads
-    if spec.storage is not None and not resume:
-        if "://" not in spec.storage:  # a journal file given relative to where the user is
-            spec.storage = str(Path(spec.storage).resolve())
-        close_storage(open_storage(spec.storage))  # a bad URL fails before the model loads
     torch.set_num_threads(spec.threads)
     out = Path(spec.out) if spec.out else _default_out(spec)
     previous: dict[str, Any] = {}
@@ -245,6 +249,15 @@ def run(
         previous = json.loads((out / "run.json").read_text(encoding="utf-8"))
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SearcherError(f"--out {out} exists and is not an empty directory: pick another")
+    if spec.storage is not None and not resume:
+        if has_password(spec.storage) and (spec.workers > 1 or spec.address is not None):
+            raise SearcherError(
+                "--storage: Ray records this command line where the cluster can see it; give "
+                "the password with PGPASSWORD or ~/.pgpass, not in the URL"
+            )
+        if "://" not in spec.storage:  # a journal file given relative to where the user is
+            spec.storage = str(Path(spec.storage).resolve())
+        close_storage(open_storage(spec.storage))  # a bad URL fails before the model loads
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -45,14 +45,23 @@ def located(url: str, run_dir: Path) -> str:
     return str((run_dir / url).resolve())
 
 
+def has_password(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.password is not None or "password=" in parts.query.lower()
+
+
 def redacted(url: str) -> str:
     """The URL without its password (run.json keeps no secrets; use PGPASSWORD or .pgpass)."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    if not has_password(url):
         return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]  # host[:port] exactly as given
+    if parts.username:
+        netloc = f"{parts.username}@{netloc}"
+    query = "&".join(
+        p for p in parts.query.split("&") if p and not p.lower().startswith("password=")
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
@@ -63,7 +72,15 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         path = Path(url)
         if not path.parent.is_dir():
             raise SearcherError(f"--storage {url}: directory {path.parent} does not exist")
-        return JournalStorage(JournalFileBackend(str(path)))
+        try:
+            storage = JournalStorage(JournalFileBackend(str(path)))
+            storage.get_all_studies()  # reads the file: a non-journal file fails here
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SearcherError(
+                f"--storage {url}: not a writable Optuna journal file ({type(exc).__name__}); "
+                "for a database give a URL such as sqlite:///PATH.db"
+            ) from None
+        return storage
     if scheme not in DATABASES:
         raise SearcherError(
             f"--storage {redacted(url)!r}: expected a database URL such as "
@@ -74,7 +91,10 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine)
     except Exception as exc:  # sqlalchemy/driver errors have no common base worth naming
         reason = " ".join(str(exc).split())[:200]
-        raise SearcherError(f"--storage {redacted(url)}: cannot open it: {reason}") from None
+        hint = ""
+        if scheme == "postgresql" and not has_password(url):
+            hint = " (passwords are never kept in run.json: set PGPASSWORD or ~/.pgpass)"
+        raise SearcherError(f"--storage {redacted(url)}: cannot open it: {reason}{hint}") from None
 
 
 def close_storage(storage: optuna.storages.BaseStorage) -> None:

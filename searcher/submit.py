@@ -17,6 +17,7 @@ from typing import Any
 
 from searcher.cluster import check_address
 from searcher.errors import SearcherError
+from searcher.store import has_password
 
 PACKAGES = ("searcher", "spaces", "latency_models")
 # what never belongs in a job's working directory
@@ -64,6 +65,11 @@ def submit(
         raise SearcherError("submit: give the command after --, e.g. `submit ... -- run ARGS`")
     if not Path(working_dir).is_dir():
         raise SearcherError(f"--working-dir {working_dir}: not a directory")
+    if any("://" in a and has_password(a) for a in args):
+        raise SearcherError(
+            "a password in a URL would be visible in the cluster's job table: give it with "
+            "PGPASSWORD or ~/.pgpass on the head instead"
+        )
     check_address(address, schemes=("http", "https"))
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobStatus, JobSubmissionClient

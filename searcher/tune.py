@@ -117,6 +117,7 @@ def portable(spec: RunSpec) -> RunSpec:
     """``spec`` resolved, with local model and data paths made absolute: Tune runs each
     trainable in its trial directory, not in the driver's working directory."""
     spec = spec.resolved()
+    spec.storage = None  # trials go to Tune's own storage; no database URL in trial configs
     for name in ("model", "data"):
         value = getattr(spec, name)
         if value and Path(value).expanduser().exists():

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,9 +84,11 @@ class ScoringWorker:
         )  # fmt: skip
         return os.getpid()
 
-    def score(self, candidate: Candidate, start: int, stop: int) -> Outcome:
+    def score(self, candidate: Candidate, start: int, stop: int, shared: list[Any]) -> Outcome:
+        if self.evaluator is None:  # restarted by Ray since its last load()
+            self.load(shared)
+        assert self.evaluator is not None
         t0 = time.perf_counter()
-        assert self.evaluator is not None, "load() first"
         s = self.evaluator.score(candidate, start, stop)
         return Outcome(s.kl, s.nll, time.perf_counter() - t0)
 
@@ -110,6 +113,8 @@ class RayPool(Pool):
     ) -> None:
         self.depth, self.attempts = depth, attempts
         self.retries = 0
+        self.reviving: dict[Any, int] = {}  # load() call on a restarting worker -> worker
+        self.revive_timeout = 600.0
         gpus = 1 if setup.device.startswith("cuda") else 0
         env = {
             "OMP_NUM_THREADS": str(setup.threads),
@@ -117,6 +122,7 @@ class RayPool(Pool):
             "TOKENIZERS_PARALLELISM": "false",
             **setup.env,
         }
+        _check_resources(workers, setup.threads, gpus)
         actor = ray.remote(ScoringWorker).options(
             num_cpus=setup.threads,
             num_gpus=gpus,
@@ -132,13 +138,15 @@ class RayPool(Pool):
             raise SearcherError(f"a worker could not start: {_cause(exc)}") from None
         self.live = list(range(workers))
 
-    def run(self, jobs: list[Job]) -> list[Outcome]:
+    def run(
+        self, jobs: list[Job], on_outcome: Callable[[int, Outcome], None] | None = None
+    ) -> list[Outcome]:
         results: list[Outcome | None] = [None] * len(jobs)
         queue = deque(range(len(jobs)))
         tries = [0] * len(jobs)
         calls: dict[Any, tuple[int, int]] = {}  # future -> (job, worker)
-        reviving: dict[Any, int] = {}  # load() future of a restarting worker -> worker
         load = dict.fromkeys(range(len(self.actors)), 0)
+        self._poll_reviving(0)
         while queue or calls:
             # breadth first: every free worker gets a job before any gets a second one
             for level in range(self.depth):
@@ -146,14 +154,20 @@ class RayPool(Pool):
                     if queue and load[w] <= level:
                         i = queue.popleft()
                         job = jobs[i]
-                        call = self.actors[w].score.remote(job.candidate, job.start, job.stop)
+                        call = self.actors[w].score.remote(
+                            job.candidate, job.start, job.stop, self.shared
+                        )
                         calls[call], load[w] = (i, w), load[w] + 1
-            if not calls and not reviving:
-                raise SearcherError("every worker has died; see the log for why")
-            done, _ = ray.wait([*calls, *reviving], num_returns=1)
+            if not calls:  # every worker is restarting
+                if not self._await_worker():
+                    raise SearcherError(
+                        "every worker has died and none came back; see the log for why"
+                    )
+                continue
+            done, _ = ray.wait([*calls, *self.reviving], num_returns=1)
             for ref in done:
-                if ref in reviving:
-                    self._revived(ref, reviving.pop(ref))
+                if ref in self.reviving:
+                    self._revived(ref, self.reviving.pop(ref))
                     continue
                 i, w = calls.pop(ref)
                 load[w] -= 1
@@ -180,15 +194,36 @@ class RayPool(Pool):
                     queue.appendleft(i)
                     if w in self.live:
                         self.live.remove(w)
-                        reviving[self.actors[w].load.remote(self.shared)] = w
-        for ref, w in reviving.items():  # rejoin before the next batch
-            self._revived(ref, w)
+                        self.reviving[self.actors[w].load.remote(self.shared)] = w
+                    continue
+                if on_outcome is not None:
+                    on_outcome(i, results[i])
         return results  # type: ignore[return-value]
+
+    def _poll_reviving(self, timeout: float) -> None:
+        """Let restarted workers that have reloaded by now rejoin (the rest keep loading)."""
+        if self.reviving:
+            ready, _ = ray.wait(list(self.reviving), num_returns=len(self.reviving),
+                                timeout=timeout)  # fmt: skip
+            for ref in ready:
+                self._revived(ref, self.reviving.pop(ref))
+
+    def _await_worker(self) -> bool:
+        """Wait for a restarting worker to rejoin; False if none does within the timeout."""
+        while self.reviving:
+            ready, _ = ray.wait(list(self.reviving), num_returns=1, timeout=self.revive_timeout)
+            if not ready:
+                return False
+            for ref in ready:
+                self._revived(ref, self.reviving.pop(ref))
+            if self.live:
+                return True
+        return bool(self.live)
 
     def _revived(self, ref: Any, w: int) -> None:
         try:
             ray.get(ref)
-        except ray.exceptions.RayActorError as exc:
+        except ray.exceptions.RayError as exc:
             log.warning("worker %d did not come back: %s", w, _cause(exc))
             return
         log.warning("worker %d is back", w)
@@ -198,6 +233,24 @@ class RayPool(Pool):
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+
+
+def _check_resources(workers: int, threads: int, gpus: int) -> None:
+    """Refuse a pool the cluster can never place (Ray would wait for it forever)."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if not nodes:
+        return
+    cpus = sum(int(n.get("CPU", 0)) // threads for n in nodes)  # workers that fit, by CPUs
+    if gpus:
+        cpus = min(cpus, sum(int(n.get("GPU", 0)) for n in nodes))
+    if cpus < workers:
+        have = sum(n.get("CPU", 0) for n in nodes), sum(n.get("GPU", 0) for n in nodes)
+        raise SearcherError(
+            f"--workers {workers} x --threads {threads}"
+            + (" with one GPU each" if gpus else "")
+            + f" does not fit the Ray cluster ({have[0]:g} CPUs, {have[1]:g} GPUs, "
+            f"{len(nodes)} node(s)): lower --workers or --threads"
+        )
 
 
 def _cause(exc: BaseException) -> str:

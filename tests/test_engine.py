@@ -43,7 +43,7 @@ class FakePool(Pool):
         self.calls: list[list[Job]] = []
         self.max_calls = max_calls
 
-    def run(self, jobs: list[Job]) -> list[Outcome]:
+    def run(self, jobs: list[Job], on_outcome=None) -> list[Outcome]:
         self.calls.append(list(jobs))
         if len(self.calls) > self.max_calls:
             raise RuntimeError(f"engine still running after {len(self.calls)} pool calls")
@@ -227,3 +227,23 @@ def test_engine_stops_an_algorithm_that_only_re_asks_scored_candidates() -> None
     engine.run()
     assert len(algo.told) == 1 + engine.max_stalled  # one real batch, then the stall limit
     assert engine.spent_windows == 2
+
+
+def test_each_finished_job_is_recorded_before_the_batch_ends() -> None:
+    """A kill mid-batch must not lose the jobs of that batch that already finished."""
+
+    class DyingPool(FakePool):
+        def run(self, jobs: list[Job], on_outcome=None) -> list[Outcome]:
+            out = super().run(jobs)
+            for i in range(2):
+                on_outcome(i, out[i])
+            raise KeyboardInterrupt  # killed with the rest of the batch still running
+
+    p = make_problem()
+    batch = [Request(c, 1) for c in [(0,) * 6, (1, 0, 1, 0, 0, 0), (0, 1, 0, 1, 0, 0)]]
+    recorded: list[Trial] = []
+    engine = Engine(p, Scripted(p, [batch], 1), DyingPool(), 10, recorded.append)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    assert [t.candidate for t in recorded] == [batch[0].candidate, batch[1].candidate]
+    assert all(t.windows == 1 for t in recorded)

@@ -49,12 +49,12 @@ def test_resume_after_a_crash_repeats_nothing_and_matches(
     real_run = LocalPool.run
     calls = {"n": 0, "jobs": 0}
 
-    def crashing(self, jobs):
+    def crashing(self, jobs, on_outcome=None):
         calls["n"] += 1
         if calls["n"] == 6:
             raise KeyboardInterrupt  # as Ctrl-C would, mid-search
         calls["jobs"] += len(jobs)
-        return real_run(self, jobs)
+        return real_run(self, jobs, on_outcome)
 
     monkeypatch.setattr(LocalPool, "run", crashing)
     code = main(["run", "--model", str(tiny_dir), "--evals", "10", "--out", str(out), *ARGS])
@@ -66,10 +66,10 @@ def test_resume_after_a_crash_repeats_nothing_and_matches(
 
     fresh = {"jobs": 0, "starts": []}
 
-    def counting(self, jobs):
+    def counting(self, jobs, on_outcome=None):
         fresh["jobs"] += len(jobs)
         fresh["starts"] += [(j.candidate, j.start) for j in jobs]
-        return real_run(self, jobs)
+        return real_run(self, jobs, on_outcome)
 
     monkeypatch.setattr(LocalPool, "run", counting)
     result = resume(str(out))
@@ -101,7 +101,7 @@ def test_resume_after_sigkill(uninterrupted: Path, tiny_dir: Path, tmp_path: Pat
         "import sys, time\n"
         "from searcher.pool import LocalPool\n"
         "real = LocalPool.run\n"
-        "LocalPool.run = lambda self, jobs: (time.sleep(0.2), real(self, jobs))[1]\n"
+        "LocalPool.run = lambda self, jobs, cb=None: (time.sleep(0.2), real(self, jobs, cb))[1]\n"
         "from searcher.cli import main\n"
         f"sys.exit(main({args!r}))\n"
     )

@@ -99,4 +99,16 @@ def test_bad_storage_is_one_line(url: str, message: str, tiny_dir: Path, tmp_pat
 
 def test_redacted_drops_the_password() -> None:
     assert redacted("postgresql://u:pw@h:5432/db") == "postgresql://u@h:5432/db"
+    assert redacted("postgresql://u:pw@h:54x2/db") == "postgresql://u@h:54x2/db"
+    assert redacted("postgresql://h/db?user=u&password=pw&x=1") == "postgresql://h/db?user=u&x=1"
     assert redacted("sqlite:///a/b.db") == "sqlite:///a/b.db"
+
+
+def test_a_file_that_is_not_a_journal_is_one_line(tiny_dir: Path, tmp_path, capsys) -> None:
+    (tmp_path / "trials.db").write_bytes(b"SQLite format 3\x00" + bytes(range(256)))
+    for target in (tmp_path / "trials.db", tmp_path):
+        code = main(["run", "--model", str(tiny_dir), "--storage", str(target),
+                     "--out", str(tmp_path / "run")])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and "not a writable Optuna journal file" in err, err
+        assert len(err.strip().splitlines()) == 1

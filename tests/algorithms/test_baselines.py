@@ -25,7 +25,7 @@ class FakePool(Pool):
     def __init__(self) -> None:
         self.jobs: list[Job] = []
 
-    def run(self, jobs: list[Job]) -> list[Outcome]:
+    def run(self, jobs: list[Job], on_outcome=None) -> list[Outcome]:
         self.jobs.extend(jobs)
         return [
             Outcome(np.full(j.stop - j.start, float(sum(j.candidate))), np.zeros(1), 0.0)

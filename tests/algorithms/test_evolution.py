@@ -39,7 +39,7 @@ class FakePool(Pool):
     def __init__(self) -> None:
         self.jobs: list[Job] = []
 
-    def run(self, jobs: list[Job]) -> list[Outcome]:
+    def run(self, jobs: list[Job], on_outcome=None) -> list[Outcome]:
         self.jobs.extend(jobs)
         out = []
         for job in jobs:

@@ -51,7 +51,7 @@ class FakePool(Pool):
     def __init__(self) -> None:
         self.calls: list[list[Job]] = []
 
-    def run(self, jobs: list[Job]) -> list[Outcome]:
+    def run(self, jobs: list[Job], on_outcome=None) -> list[Outcome]:
         self.calls.append(list(jobs))
         out = []
         for job in jobs:

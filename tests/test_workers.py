@@ -52,17 +52,23 @@ def test_two_workers_reach_the_one_worker_result(ray_local, tiny_dir: Path, tmp_
     assert info["hardware"]["workers"] == 2 and info["worker_retries"] == 0
 
 
-def test_a_killed_worker_costs_only_its_evaluation(ray_local, tiny_dir: Path, caplog) -> None:
-    session = open_session(str(tiny_dir), None, "width", {}, 32, 4, 1, 2, 4, "cpu", "float32",
-                           False)  # fmt: skip
+def driver(tiny_dir: Path, windows: int, fingerprint: str | None = None):
+    """What the driver holds (session, evaluator of all ``windows``), and a worker setup."""
+    session = open_session(str(tiny_dir), None, "width", {}, 32, windows, 1, 2, 4, "cpu",
+                           "float32", False)  # fmt: skip
     evaluator = Evaluator(
         session.loaded.model, session.windows.calibration, session.space.apply,
         session.space.dense(), 4,
     )  # fmt: skip
     setup = WorkerSetup(
-        str(tiny_dir), "cpu", "float32", False, "width", {}, 32, 4, 2, 4,
-        session.space.fingerprint(),
+        str(tiny_dir), "cpu", "float32", False, "width", {}, 32, 4, 2, windows,
+        fingerprint or session.space.fingerprint(),
     )  # fmt: skip
+    return session, evaluator, setup
+
+
+def test_a_killed_worker_costs_only_its_evaluation(ray_local, tiny_dir: Path, caplog) -> None:
+    session, evaluator, setup = driver(tiny_dir, 4)
     pool = RayPool(setup, session.windows.calibration, evaluator.reference(), workers=2)
     jobs = [Job(c, 0, 4) for c in candidates(session.space, seed=1, n=400)]
     victim = pool.pids[0]
@@ -107,14 +113,7 @@ def test_bad_address_is_one_line(address: str, message: str, tiny_dir: Path, tmp
 
 
 def test_a_worker_that_builds_another_space_refuses(ray_local, tiny_dir: Path) -> None:
-    session = open_session(str(tiny_dir), None, "width", {}, 32, 2, 1, 2, 4, "cpu", "float32",
-                           False)  # fmt: skip
-    evaluator = Evaluator(
-        session.loaded.model, session.windows.calibration, session.space.apply,
-        session.space.dense(), 4,
-    )  # fmt: skip
-    setup = WorkerSetup(str(tiny_dir), "cpu", "float32", False, "width", {}, 32, 4, 2, 2,
-                        "0" * 16)  # as if the driver had other weights  # fmt: skip
+    session, evaluator, setup = driver(tiny_dir, 2, fingerprint="0" * 16)  # other weights
     with pytest.raises(SearcherError, match="built a different width space than the driver"):
         RayPool(setup, session.windows.calibration, evaluator.reference(), workers=1)
 

@@ -114,6 +114,15 @@ def open_session(
     return Session(loaded, win, built, importance)
 
 
+def session_for(spec: RunSpec, full: int) -> Session:
+    """The session a search of ``spec`` (resolved) scores in; ``full`` windows per evaluation."""
+    return open_session(
+        spec.model, spec.data, spec.space, spec.space_options, spec.seq_len,
+        max(full, spec.importance_windows), spec.validation_windows, spec.importance_windows,
+        spec.batch_size, spec.device, spec.dtype, spec.trust_remote_code,
+    )  # fmt: skip
+
+
 def problem_for(space: spaces.SearchSpace, budget: Budget) -> Problem:
     return Problem(
         n_levels=space.n_levels,
@@ -262,11 +271,7 @@ def run(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     on_phase("loading model, scoring importance")
-    session = open_session(
-        spec.model, spec.data, spec.space, spec.space_options, spec.seq_len,
-        max(full, spec.importance_windows), spec.validation_windows, spec.importance_windows,
-        spec.batch_size, spec.device, spec.dtype, spec.trust_remote_code,
-    )  # fmt: skip
+    session = session_for(spec, full)
     timings["load_and_importance"] = time.perf_counter() - t0
     if resume and not models.same_model(session.loaded.identity, previous.get("model", {})):
         raise SearcherError(

@@ -44,7 +44,7 @@ from searcher.budget import Budget
 from searcher.errors import SearcherError
 from searcher.fitness import Evaluator
 from searcher.problem import Candidate, Problem
-from searcher.run import Session, open_session, problem_for
+from searcher.run import Session, problem_for, session_for
 from searcher.spec import RunSpec
 
 SEARCHES = ("tpe", "random")
@@ -79,18 +79,13 @@ def _key(spec: RunSpec) -> tuple[Any, ...]:
 def resident(spec: RunSpec) -> Resident:
     """The scoring state for ``spec`` (resolved), loaded on first use in this process.
 
-    Loaded as ``searcher.run.run`` loads it: calibration windows = max(full, importance).
+    Loaded as ``searcher.run.run`` loads it (``session_for``).
     """
     key = _key(spec)
     if key not in _RESIDENT:
         t0 = time.perf_counter()
         full = parse_stages(spec.stages)[-1][0]
-        session = open_session(
-            spec.model, spec.data, spec.space, spec.space_options, spec.seq_len,
-            max(full, spec.importance_windows), spec.validation_windows,
-            spec.importance_windows, spec.batch_size, spec.device, spec.dtype,
-            spec.trust_remote_code,
-        )  # fmt: skip
+        session = session_for(spec, full)
         problem = problem_for(session.space, Budget.parse(spec.budget))
         evaluator = Evaluator(
             session.loaded.model, session.windows.calibration[:full], session.space.apply,

@@ -1,9 +1,9 @@
-"""Budgets: ``flops=0.5,params=0.6`` parsed, checked and explained."""
+"""Budgets: ``flops=0.5,params=0.6`` or ``latency_ms=120`` parsed, checked and explained."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from searcher.errors import SearcherError
 
@@ -14,7 +14,10 @@ KEYS: dict[str, tuple[str, bool]] = {
     "flops": ("flops", True),
     "params": ("params", True),
     "sparsity": ("nonzero", False),
+    "latency": ("latency", True),
 }
+# Budget key -> cost metric it limits in absolute units (resolved against the dense model).
+ABSOLUTE: dict[str, tuple[str, str]] = {"latency_ms": ("latency", "ms")}
 
 
 @dataclass(frozen=True)
@@ -23,20 +26,26 @@ class Budget:
 
     text: str
     limits: Mapping[str, float]  # cost metric -> max fraction of dense
+    absolute: Mapping[str, float] = field(default_factory=dict)  # metric -> max, its own unit
 
     @classmethod
     def parse(cls, text: str) -> Budget:
         limits: dict[str, float] = {}
+        absolute: dict[str, float] = {}
         parts = [p.strip() for p in text.split(",") if p.strip()]
         if not parts:
-            raise SearcherError("empty --budget: give one or more of flops=R, params=R, sparsity=R")
+            raise SearcherError(
+                "empty --budget: give one or more of flops=R, params=R, sparsity=R, latency=R, "
+                "latency_ms=X"
+            )
         for part in parts:
             key, sep, value = part.partition("=")
             key = key.strip().lower()
-            if not sep or key not in KEYS:
+            if not sep or (key not in KEYS and key not in ABSOLUTE):
                 raise SearcherError(
                     f"bad budget term {part!r}: expected KEY=R with KEY one of "
-                    f"{', '.join(KEYS)} and R a fraction of the dense model, e.g. flops=0.5"
+                    f"{', '.join(KEYS)} and R a fraction of the dense model (e.g. flops=0.5), "
+                    "or latency_ms=X in milliseconds"
                 )
             try:
                 fraction = float(value)
@@ -44,16 +53,38 @@ class Budget:
                 raise SearcherError(
                     f"bad budget value in {part!r}: {value!r} is not a number"
                 ) from None
+            if key in ABSOLUTE:
+                metric, unit = ABSOLUTE[key]
+                if not fraction > 0 or fraction == float("inf"):
+                    raise SearcherError(f"bad budget value in {part!r}: it must be above 0 {unit}")
+                if metric in limits or metric in absolute:
+                    raise SearcherError(f"budget limits {metric} twice: give one of its keys")
+                absolute[metric] = fraction
+                continue
             if not 0.0 < fraction <= 1.0 or (key == "sparsity" and fraction >= 1.0):
                 raise SearcherError(
                     f"bad budget value in {part!r}: it must lie in (0, 1]"
                     + (" and be below 1 for sparsity" if key == "sparsity" else "")
                 )
             metric, kept = KEYS[key]
-            if metric in limits:
+            if metric in limits or metric in absolute:
                 raise SearcherError(f"budget names {key!r} twice: give each key once")
             limits[metric] = fraction if kept else 1.0 - fraction
-        return cls(text=",".join(parts), limits=limits)
+        return cls(text=",".join(parts), limits=limits, absolute=absolute)
+
+    @property
+    def metrics(self) -> set[str]:
+        """Every cost metric the budget limits, as a fraction or in absolute units."""
+        return set(self.limits) | set(self.absolute)
+
+    def resolved(self, dense: Mapping[str, float]) -> Budget:
+        """Absolute limits turned into fractions of the dense model's cost (``dense``)."""
+        if not self.absolute:
+            return self
+        limits = dict(self.limits)
+        for metric, value in self.absolute.items():
+            limits[metric] = value / dense[metric]
+        return Budget(self.text, limits)
 
     def violations(self, fractions: Mapping[str, float], tol: float = 1e-9) -> list[str]:
         """Human-readable reasons why costs (fractions of dense) break the budget."""

@@ -94,6 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=s, help="run directory (default results/<run-id>)")
     r.add_argument("--trust-remote-code", action="store_true", default=s,
                    help="allow the model directory's own Python code to run")  # fmt: skip
+    lat = r.add_argument_group(
+        "latency", "used when --budget or --objectives name latency, or a latency device is given"
+    )
+    lat.add_argument("--latency-device", default=s, metavar="DEVICE",
+                     help="ort-cpu | torch-cpu | ort-cuda | torch-cuda (default: ort-cpu, "
+                     "torch-cuda with --device cuda)")  # fmt: skip
+    lat.add_argument("--latency", default=s, choices=("predicted", "measured"),
+                     help="predicted from the device's latency table (default), or measured "
+                     "for every candidate")  # fmt: skip
+    lat.add_argument("--latency-table", default=s, metavar="PATH",
+                     help="table from searcher profile (default: results/latency/"
+                     "<model>-<device>-b<B>-s<S>.json, profiled on first use)")  # fmt: skip
+    lat.add_argument("--workload", default=s, choices=("prefill", "decode"),
+                     help="the latency the budget limits (both are reported)")  # fmt: skip
+    lat.add_argument("--latency-batch", type=int, default=s, help="batch B (default 1)")
+    lat.add_argument("--latency-seq", type=int, default=s,
+                     help="prefill length / decode KV-cache length S (default 128)")  # fmt: skip
+    lat.add_argument("--latency-threads", type=int, default=s,
+                     help="threads the device runs with (default: every core)")  # fmt: skip
+    lat.add_argument("--allow-table-mismatch", action="store_true", default=s,
+                     help="use a table profiled on another device or software stack")  # fmt: skip
 
     j = sub.add_parser(
         "submit", parents=[common],
@@ -109,6 +130,62 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--wait", action="store_true", help="print the job's logs until it ends")
     j.add_argument("args", nargs=argparse.REMAINDER, metavar="-- run ARGS",
                    help="the searcher command to run")  # fmt: skip
+
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument(
+        "--device", default="ort-cpu", help="ort-cpu | torch-cpu | ort-cuda | torch-cuda"
+    )
+    device.add_argument("--batch", type=int, default=1, help="workload batch B (default 1)")
+    device.add_argument("--seq", type=int, default=128,
+                        help="prefill length / decode KV-cache length S (default 128)")  # fmt: skip
+    device.add_argument("--threads", type=int, help="threads to run with (default: every core)")
+    device.add_argument("--model", help="local HF model directory (default: embedded)")
+    device.add_argument("--trust-remote-code", action="store_true")
+    shape = argparse.ArgumentParser(add_help=False)
+    shape.add_argument("--space", default="width", help="width | depth | sparsity")
+    shape.add_argument(
+        "--space-option", dest="space_options", action="append", type=_space_option,
+        default=[], metavar="KEY=VALUE", help="space setting, e.g. mlp_steps=8 (repeatable)",
+    )  # fmt: skip
+    shape.add_argument("--data", help="text to rank units on (default: pydoc)")
+
+    p = sub.add_parser(
+        "profile", parents=[common, device, shape],
+        help="build a latency table of a model's blocks on a device",
+        description="Time every block size of the space, the fixed parts and a few whole "
+        "models on the device, and save the latency table with the device's fingerprint.",
+    )  # fmt: skip
+    p.add_argument(
+        "--out", help="table path (default results/latency/<model>-<device>-b<B>-s<S>.json)"
+    )
+    p.add_argument("--corrections", type=int, default=8,
+                   help="whole models measured to fit the correction (default 8)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+
+    lt = sub.add_parser(
+        "latency", parents=[common], help="validate a latency table, or measure a config"
+    )
+    ls = lt.add_subparsers(dest="latency_command", required=True, parser_class=_Parser)
+    v = ls.add_parser(
+        "validate", parents=[common, device, shape],
+        help="predicted against measured latency of random candidates",
+    )  # fmt: skip
+    v.add_argument("--n", type=int, default=100, help="candidates (default 100)")
+    v.add_argument("--table", help="latency table (default: this model and device's)")
+    v.add_argument("--workload", choices=("prefill", "decode"), help="default: both")
+    v.add_argument("--out", help="directory for validation.json and validation.png")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--allow-table-mismatch", action="store_true")
+    v.add_argument("--json", action="store_true", help="print the summary as JSON")
+    m = ls.add_parser(
+        "measure", parents=[common, device],
+        help="measure a saved config (best.json / pareto.json) and the dense model",
+    )  # fmt: skip
+    m.add_argument("config", help="best.json, or pareto.json with --pick")
+    m.add_argument("--pick", type=int, help="entry of pareto.json (default 0)")
+    m.add_argument("--table", help="latency table, for predictions beside the measurements")
+    m.add_argument("--allow-table-mismatch", action="store_true")
+    m.add_argument("--json", action="store_true", help="print the result as JSON")
 
     e = sub.add_parser(
         "eval", parents=[common], help="score a saved config (best.json or pareto.json) on text"
@@ -196,6 +273,13 @@ def _run(args: argparse.Namespace) -> None:
     v = b["validation"]
     table.add_row("validation KL", f"{v['kl']:.4f} ({v['windows']} windows)")
     table.add_row("validation ppl", f"{v['ppl']:.2f} (dense {v['dense_ppl']:.2f})")
+    for kind, lat in b.get("latency", {}).items():
+        if isinstance(lat, dict):
+            table.add_row(
+                f"{kind} latency ({b['latency']['device']})",
+                f"measured {lat['measured_ms']:.2f} ms (predicted {lat['predicted_ms']:.2f}); "
+                f"dense {lat['dense_measured_ms']:.2f} ms: {lat['speedup']:.2f}x faster",
+            )
     table.add_row("trials / evals", f"{result.trials} / {result.evals:.1f}")
     table.add_row("wall time", f"{result.seconds:.0f} s")
     table.add_row("results", str(result.out))
@@ -242,6 +326,75 @@ def _submit(args: argparse.Namespace) -> int:
     return 0 if result.status == "SUCCEEDED" else 1
 
 
+def _settings(args: argparse.Namespace):
+    from searcher.latency import LatencySettings
+
+    return LatencySettings(args.device, args.batch, args.seq, args.threads)
+
+
+def _profile(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from searcher.latency_jobs import profile_model
+
+    console = Console(stderr=True)
+    with console.status("profiling") as status:
+        res = profile_model(
+            _settings(args), args.model, args.space, dict(args.space_options), args.out,
+            args.corrections, args.seed, args.data, args.trust_remote_code,
+            on_step=lambda text: status.update(f"profiling: {text}"),
+        )  # fmt: skip
+    t = res.table
+    print(f"latency table for {t.device['backend']} ({t.device['cpu']}, {t.device['threads']} "
+          f"threads) in {res.seconds:.0f} s: {res.path}")  # fmt: skip
+    for wt in t.workloads.values():
+        sizes = ", ".join(f"{k} {min(d.values()):.3f}-{max(d.values()):.3f} ms"
+                          for k, d in wt.blocks.items())  # fmt: skip
+        print(f"  {wt.workload.describe()}: fixed {wt.fixed_ms:.2f} ms; per block {sizes}; "
+              f"correction x{wt.scale:.3f} {wt.offset_ms:+.2f} ms "
+              f"({len(wt.fit)} whole models)")  # fmt: skip
+
+
+def _latency(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from searcher.latency_jobs import dumps, measure_config, validate_table
+
+    if args.latency_command == "measure":
+        res = measure_config(
+            args.config, _settings(args), args.pick, args.table, args.model,
+            args.allow_table_mismatch, args.trust_remote_code,
+        )  # fmt: skip
+        if args.json:
+            print(dumps(res))
+            return
+        print(f"{args.config} on {res['device']['backend']} ({res['device']['threads']} threads)")
+        for w in res["workloads"].values():
+            pred = f", predicted {w['predicted_ms']:.2f} ms" if "predicted_ms" in w else ""
+            print(f"  {w['workload']}: {w['measured_ms']:.2f} ms{pred}; dense "
+                  f"{w['dense_measured_ms']:.2f} ms: {w['speedup']:.2f}x faster")  # fmt: skip
+        return
+    console = Console(stderr=True)
+    with console.status("validating") as status:
+        res = validate_table(
+            _settings(args), args.n, args.table, args.model, args.space,
+            dict(args.space_options), args.workload, args.out, args.seed,
+            args.allow_table_mismatch, args.data, args.trust_remote_code,
+            on_step=lambda done, total: status.update(f"measured {done}/{total} candidates"),
+        )  # fmt: skip
+    if args.json:
+        print(dumps(res))
+        return
+    for note in res["notes"]:
+        print(f"warning: table from another device: {note}", file=sys.stderr)
+    print(f"{res['table']}: predictions against measurements ({res['out']})")
+    for sm in res["summary"].values():
+        print(f"  {sm['workload']}: {sm['within_5pct']:.0%} within ±5%, "
+              f"{sm['within_10pct']:.0%} within ±10%, RMSE {sm['rmse_pct']:.1f}%, mean error "
+              f"{sm['mean_error_pct']:+.1f}% (n={sm['n']}, measured "
+              f"{sm['measured_range_ms'][0]:.1f}-{sm['measured_range_ms'][1]:.1f} ms)")  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -254,6 +407,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run(args)
         elif args.command == "submit":
             return _submit(args)
+        elif args.command == "profile":
+            _profile(args)
+        elif args.command == "latency":
+            _latency(args)
         else:
             _eval(args)
     except SearcherError as exc:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,7 +58,11 @@ class Engine:
         max_evals: float,
         record: Callable[[Trial], None] = lambda trial: None,
         on_progress: Callable[[Progress], None] = lambda progress: None,
+        measure: Callable[[Candidate], Mapping[str, float]] | None = None,
     ) -> None:
+        """``measure``: costs timed on the device for each new candidate, replacing the
+        problem's predicted ones. A candidate measured over budget is not scored, and is told
+        to the algorithm as infinitely bad, so that it moves away from it."""
         self.problem = problem
         self.algorithm = algorithm
         self.pool = pool
@@ -65,6 +70,7 @@ class Engine:
         self.max_windows = max_evals * self.full
         self.record = record
         self.on_progress = on_progress
+        self.measure = measure
         self.trials: dict[Candidate, Trial] = {}
         self.spent_windows = 0
         self.jobs = 0  # scoring jobs sent to the pool
@@ -94,6 +100,8 @@ class Engine:
         jobs, owners = [], []
         for candidate, windows in wanted.items():
             trial = self._trial(candidate)
+            if self.measure is not None and not trial.feasible:
+                continue  # measured over budget: not worth scoring
             if trial.windows < windows:
                 jobs.append(Job(candidate, trial.windows, windows))
                 owners.append(trial)
@@ -113,17 +121,26 @@ class Engine:
         outcomes = self.pool.run(jobs, done)
         for i in sorted(set(range(len(jobs))) - fired):  # a pool that reports only at the end
             done(i, outcomes[i])
-        return [Result(r.candidate, r.windows, self.trials[r.candidate].fitness(r.windows))
+        return [Result(r.candidate, r.windows, self._told(self.trials[r.candidate], r.windows))
                 for r in requests]  # fmt: skip
+
+    def _told(self, trial: Trial, windows: int) -> float:
+        if self.measure is not None and not trial.feasible:
+            return math.inf
+        return trial.fitness(windows)
 
     def _trial(self, candidate: Candidate) -> Trial:
         if candidate not in self.trials:
+            costs = self.problem.cost(candidate)
+            if self.measure is not None:
+                costs.update(self.measure(candidate))
+            fractions = self.problem.fractions_of(costs)
             self.trials[candidate] = Trial(
                 number=len(self.trials),
                 candidate=candidate,
-                costs=self.problem.cost(candidate),
-                fractions=self.problem.fractions(candidate),
-                feasible=self.problem.feasible(candidate),
+                costs=costs,
+                fractions=fractions,
+                feasible=self.problem.budget.satisfied(fractions),
                 origin=self.algorithm.status(),
             )
         return self.trials[candidate]

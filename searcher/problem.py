@@ -27,12 +27,15 @@ class Problem:
     space_name: str = ""
 
     def __post_init__(self) -> None:
-        for key, (metric, _) in KEYS.items():
-            if metric in self.budget.limits and metric not in self.costs:
+        for metric in sorted(self.budget.metrics):
+            if metric not in self.costs:
+                key = next((k for k, (m, _) in KEYS.items() if m == metric), metric)
                 raise SearcherError(
-                    f"the {self.space_name or 'chosen'} space cannot be budgeted by {key!r}; "
-                    f"budget one of: {', '.join(self.budget_keys())}"
+                    f"the {self.space_name or 'chosen'} space cannot be budgeted by {key!r} "
+                    f"here; budget one of: {', '.join(self.budget_keys())}"
                 )
+        dense = {m: t.dense() for m, t in self.costs.items()}
+        object.__setattr__(self, "budget", self.budget.resolved(dense))
         floor = self.minimum_fractions()
         reasons = self.budget.violations(floor)
         if reasons:
@@ -56,6 +59,10 @@ class Problem:
 
     def fractions(self, genes: Sequence[int]) -> dict[str, float]:
         return {m: t.cost(genes) / t.dense() for m, t in self.costs.items()}
+
+    def fractions_of(self, costs: Mapping[str, float]) -> dict[str, float]:
+        """Costs as fractions of the dense model's (for costs measured rather than tabled)."""
+        return {m: costs[m] / t.dense() for m, t in self.costs.items()}
 
     def minimum_fractions(self) -> dict[str, float]:
         return {m: t.minimum() / t.dense() for m, t in self.costs.items()}

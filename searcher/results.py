@@ -29,8 +29,8 @@ def trials_frame(trials: Sequence[Trial], fidelities: Sequence[int]) -> pd.DataF
             "genes": list(t.candidate),
             "feasible": t.feasible,
             "windows": t.windows,
-            "kl": t.fitness(),
-            "ppl": math.exp(sum(t.nll) / len(t.nll)),
+            "kl": t.fitness() if t.windows else None,  # unscored: measured over budget
+            "ppl": math.exp(sum(t.nll) / len(t.nll)) if t.nll else None,
             "seconds": t.seconds,
         }
         for metric, value in t.costs.items():
@@ -63,7 +63,7 @@ def plot_front(
         return [t.fractions[metric] for t in ts]
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    low = [t for t in trials if t.windows < full]
+    low = [t for t in trials if 0 < t.windows < full]
     high = [t for t in trials if t.windows >= full]
     if low:
         ax.scatter(xs(low), [t.fitness() for t in low], s=8, c="0.8",

@@ -19,7 +19,9 @@ from typing import Any
 import torch
 
 import spaces
-from searcher import data, models
+from latency_models.backends import cpu_name
+from latency_models.table import CostTable
+from searcher import data, latency, models
 from searcher.algorithms import ALGORITHMS, parse_stages
 from searcher.budget import Budget
 from searcher.engine import Engine, Progress, Trial
@@ -72,15 +74,7 @@ def versions() -> dict[str, str]:
 
 
 def hardware(device: str, threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads}
+    info: dict[str, Any] = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads}
     info["device"] = device
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -123,10 +117,13 @@ def session_for(spec: RunSpec, full: int) -> Session:
     )  # fmt: skip
 
 
-def problem_for(space: spaces.SearchSpace, budget: Budget) -> Problem:
+def problem_for(
+    space: spaces.SearchSpace, budget: Budget, extra: dict[str, CostTable] | None = None
+) -> Problem:
+    """The space's exact costs (plus ``extra`` cost tables, e.g. latency) under a budget."""
     return Problem(
         n_levels=space.n_levels,
-        costs=space.cost_tables(),
+        costs={**space.cost_tables(), **(extra or {})},
         budget=budget,
         keep=tuple(g.keep for g in space.genes),
         space_name=space.name,
@@ -247,6 +244,9 @@ def run(
         raise SearcherError(f"--objectives {spec.objectives} needs one of --algo {multi}")
     stages = parse_stages(spec.stages)
     full = stages[-1][0]
+    objectives = spec.objectives.split(",")
+    timed = latency.wanted(spec, budget.metrics, objectives)
+    latency_settings = latency.run_settings(spec) if timed else None  # checked before loading
     if spec.address is not None:
         from searcher.cluster import check_address
 
@@ -279,7 +279,16 @@ def run(
             f"({previous.get('model', {}).get('source')}), not {session.loaded.identity['source']}"
         )
     space = session.space
-    problem = problem_for(space, budget)
+    latency.refuse_untimed(space, budget.metrics)
+    lat: latency.RunLatency | None = None
+    if latency_settings is not None:
+        t0 = time.perf_counter()
+        lat = latency.open_run_latency(
+            spec, latency_settings, space, session.loaded.identity, on_phase
+        )
+        timings["latency_setup"] = time.perf_counter() - t0
+    problem = problem_for(space, budget, {"latency": lat.costs(space)} if lat else None)
+    budget = problem.budget  # absolute limits (latency_ms) now fractions of dense
 
     t0 = time.perf_counter()
     on_phase("dense reference")
@@ -311,8 +320,9 @@ def run(
         "data": header["data"],
         "dense": {k: t.dense() for k, t in problem.costs.items()},
     }
+    if lat is not None:
+        run_info["latency"] = lat.info()
     write_json(out / "run.json", run_info)
-    objectives = spec.objectives.split(",")
     store = TrialStore(
         located(spec.storage or storage["url"], out),
         storage["study"],
@@ -327,8 +337,9 @@ def run(
         with scoring_pool(spec, session, evaluator) as scorer:
             pool = ReplayPool(scorer, logged)  # with nothing logged it just delegates
             engine = Engine(
-                problem, algorithm, pool, spec.evals, store.append, on_progress or (lambda p: None)
-            )
+                problem, algorithm, pool, spec.evals, store.append, on_progress or (lambda p: None),
+                lat.measure if lat is not None and spec.latency == "measured" else None,
+            )  # fmt: skip
             timings["workers_start"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             on_phase(f"searching ({spec.algo})")
@@ -365,11 +376,17 @@ def run(
     else:
         metric = "flops" if "flops" in budget.limits else next(iter(budget.limits))
     front_trials = front(trials, full, metric)
-    write_json(
-        out / "pareto.json",
-        {**header, "objectives": [metric, "kl"],
-         "front": [entry(space, t, full) for t in front_trials]},
-    )  # fmt: skip
+    entries = [entry(space, t, full) for t in front_trials]
+    best_latency = None
+    if lat is not None:  # the chosen configs, timed on the device
+        t0 = time.perf_counter()
+        on_phase(f"measuring the front on {lat.settings.device}")
+        best_latency = lat.report(space, best.candidate)
+        for t, e in zip(front_trials, entries):
+            e["latency"] = best_latency if t is best else lat.report(space, t.candidate)
+        timings["latency_remeasure"] = time.perf_counter() - t0
+        run_info["latency"] = lat.info()
+    write_json(out / "pareto.json", {**header, "objectives": [metric, "kl"], "front": entries})
     best_payload = {
         **header,
         **entry(space, best, full),
@@ -382,6 +399,8 @@ def run(
         "algorithm": spec.algo,
         "seed": spec.seed,
     }
+    if best_latency is not None:
+        best_payload["latency"] = {**best_latency, "device": lat.settings.device}
     write_json(out / "best.json", best_payload)
     plot_front(
         out / "pareto.png", trials, front_trials, full, best, metric, budget.limits.get(metric),
@@ -404,13 +423,11 @@ def run(
     return RunResult(out, best_payload, len(trials), engine.spent_windows / full, seconds)
 
 
-def evaluate_config(
-    path: str, data_source: str | None = None, pick: int | None = None, windows: int = 8,
-    model: str | None = None, device: str = "cpu", dtype: str | None = None,
-    batch_size: int | None = None, trust_remote_code: bool = False,
-) -> dict[str, Any]:  # fmt: skip
-    """Score a saved config (best.json, or one entry of pareto.json) on any text."""
-    config = _read_config(path, pick)
+def session_of_config(
+    path: str, config: dict[str, Any], model: str | None = None, device: str = "cpu",
+    dtype: str | None = None, batch_size: int | None = None, trust_remote_code: bool = False,
+) -> tuple[Session, tuple[int, ...]]:  # fmt: skip
+    """Rebuild the session a saved config was searched in, checked, and the config's genes."""
     try:
         d, space_cfg, identity = config["data"], config["space"], config["model"]
         source = model or identity["source"]
@@ -424,7 +441,6 @@ def evaluate_config(
             trust_remote_code, text_sha256=d["sha256"],
         )  # fmt: skip
         genes, fingerprint = tuple(config["genes"]), space_cfg["fingerprint"]
-        budget_text = config["budget"]
     except KeyError as exc:
         raise SearcherError(
             f"{path} is not a complete searcher config: field {exc.args[0]!r} is missing "
@@ -446,6 +462,21 @@ def evaluate_config(
             f"rebuilding {path} chose different units than the run did (another device, "
             "dtype or library version changes activation statistics): score it where it ran"
         )
+    return session, genes
+
+
+def evaluate_config(
+    path: str, data_source: str | None = None, pick: int | None = None, windows: int = 8,
+    model: str | None = None, device: str = "cpu", dtype: str | None = None,
+    batch_size: int | None = None, trust_remote_code: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """Score a saved config (best.json, or one entry of pareto.json) on any text."""
+    config = read_config(path, pick)
+    session, genes = session_of_config(
+        path, config, model, device, dtype, batch_size, trust_remote_code
+    )
+    d, space = config["data"], session.space
+    batch = batch_size or d.get("batch_size", 4)
     if data_source is None:
         ids, where = session.windows.validation, f"validation windows of {d['source']}"
     else:
@@ -461,11 +492,11 @@ def evaluate_config(
         "kl": float(scores.kl.mean()),
         "ppl": math.exp(float(scores.nll.mean())),
         "dense_ppl": math.exp(float(evaluator.dense_scores.nll.mean())),
-        "fractions": problem_for(space, Budget.parse(budget_text)).fractions(genes),
+        "fractions": {m: t.cost(genes) / t.dense() for m, t in space.cost_tables().items()},
     }
 
 
-def _read_config(path: str, pick: int | None) -> dict[str, Any]:
+def read_config(path: str, pick: int | None) -> dict[str, Any]:
     """best.json as it is, or entry ``pick`` of pareto.json merged with its header."""
     try:
         config = json.loads(Path(path).read_text(encoding="utf-8"))

@@ -64,6 +64,15 @@ class RunSpec:
     storage: str | None = None  # Optuna storage URL; None: SQLite in the run directory
     out: str | None = None  # run directory; None: results/<run-id>
     trust_remote_code: bool = False
+    # Latency (used when the budget or objectives name latency, or a latency device is given)
+    latency_device: str | None = None  # ort-cpu | torch-cpu | ort-cuda | torch-cuda
+    latency: str = "predicted"  # predicted (from the device's table) | measured (each candidate)
+    latency_table: str | None = None  # None: results/latency/<model>-<device>-b<B>-s<S>.json
+    workload: str = "prefill"  # which latency the budget limits: prefill | decode
+    latency_batch: int = 1
+    latency_seq: int = 128
+    latency_threads: int | None = None  # threads the device runs with; None: every core
+    allow_table_mismatch: bool = False
 
     def resolved(self) -> RunSpec:
         """A copy with preset values filled in where the user left settings unset."""
@@ -125,11 +134,15 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "offspring": int, "stages": str, "random_batch": int, "seq_len": int, "importance_windows": int,
     "validation_windows": int, "batch_size": int, "device": str, "dtype": str,
     "threads": int, "workers": int, "address": str, "storage": str, "out": str,
-    "trust_remote_code": bool,
+    "trust_remote_code": bool, "latency_device": str, "latency": str, "latency_table": str,
+    "workload": str, "latency_batch": int, "latency_seq": int, "latency_threads": int,
+    "allow_table_mismatch": bool,
 }  # fmt: skip
-_OPTIONAL = {"model", "data", "out", "address", "storage"}
+_OPTIONAL = {"model", "data", "out", "address", "storage", "latency_device", "latency_table",
+             "latency_threads"}  # fmt: skip
 _POSITIVE = ("evals", "offspring", "random_batch", "seq_len", "importance_windows",
-             "validation_windows", "batch_size", "threads", "workers")  # fmt: skip
+             "validation_windows", "batch_size", "threads", "workers", "latency_batch",
+             "latency_seq")  # fmt: skip
 
 
 def _describe(kind: type | tuple[type, ...]) -> str:

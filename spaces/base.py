@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from latency_models.analytic import attention_score_flops, linear_flops
+from latency_models.latency_table import Block
 from latency_models.table import CostTable
 from spaces.structure import ATTN_PROJ, MLP_PROJ, Structure
 
@@ -31,6 +32,7 @@ class SearchSpace(ABC):
     """Genes over a resident model, how to apply a candidate to it, and what candidates cost."""
 
     name: ClassVar[str]
+    latency_note: ClassVar[str | None] = None  # why latency does not follow the genes, if so
 
     def __init__(self, structure: Structure, seq_len: int) -> None:
         self.structure = structure
@@ -48,6 +50,11 @@ class SearchSpace(ABC):
     @abstractmethod
     def describe(self, candidate: Sequence[int]) -> dict[str, dict[str, Any]]:
         """The candidate's per-module configuration, keyed by module name."""
+
+    @abstractmethod
+    def blocks(self) -> tuple[list[Block], list[list[Block | None]]]:
+        """What a forward pass runs, for latency tables: the blocks no gene changes, and for
+        each gene and level the block it leaves (size 0: removed; None: latency unchanged)."""
 
     def options(self) -> dict[str, Any]:
         """Settings needed to rebuild this space (besides model and calibration data)."""
@@ -74,6 +81,11 @@ class SearchSpace(ABC):
             if isinstance(module, nn.Linear) and module is not pruned.get_output_embeddings():
                 set_linear(module, module.weight.detach().clone(), _clone(module.bias))
         return pruned
+
+
+def dense_blocks(structure: Structure) -> list[Block]:
+    s = structure
+    return [b for _ in s.layers for b in (("attn", s.kv_heads), ("mlp", s.intermediate))]
 
 
 def digest(*parts: Any) -> str:

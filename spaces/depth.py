@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from latency_models.table import CostTable
-from spaces.base import Gene, SearchSpace, block_tables
+from spaces.base import Block, Gene, SearchSpace, block_tables
 from spaces.structure import Structure
 
 
@@ -65,6 +65,12 @@ class DepthSpace(SearchSpace):
         mlp = [(0, s.intermediate)] * len(s.layers)
         order = [(g.kind, i // 2) for i, g in enumerate(self.genes)]
         return block_tables(s, self.seq_len, attn, mlp, order)
+
+    def blocks(self) -> tuple[list[Block], list[list[Block | None]]]:
+        s = self.structure
+        attn: list[Block | None] = [("attn", 0), ("attn", s.kv_heads)]
+        mlp: list[Block | None] = [("mlp", 0), ("mlp", s.intermediate)]
+        return [], [attn if g.kind == "attn" else mlp for g in self.genes]
 
     def describe(self, candidate: Sequence[int]) -> dict[str, dict[str, Any]]:
         return {g.name: {"kept": bool(g.values[level])} for g, level in zip(self.genes, candidate)}

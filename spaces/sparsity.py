@@ -18,7 +18,16 @@ from typing import Any
 import torch
 
 from latency_models.table import CostTable
-from spaces.base import Gene, SearchSpace, attention_costs, digest, fixed_costs, mlp_costs
+from spaces.base import (
+    Block,
+    Gene,
+    SearchSpace,
+    attention_costs,
+    dense_blocks,
+    digest,
+    fixed_costs,
+    mlp_costs,
+)
 from spaces.importance import input_statistics
 from spaces.structure import ATTN_PROJ, MLP_PROJ, Structure
 
@@ -27,6 +36,10 @@ PROJ = ATTN_PROJ + MLP_PROJ
 
 class SparsitySpace(SearchSpace):
     name = "sparsity"
+    latency_note = (
+        "unstructured sparsity runs on dense kernels (ONNX Runtime and torch alike), so every "
+        "sparsity candidate has the dense model's latency"
+    )
 
     def __init__(
         self,
@@ -109,6 +122,9 @@ class SparsitySpace(SearchSpace):
             "params": CostTable.build("params", fixed["params"] + biases, nonzero),
             "nonzero": CostTable.build("nonzero", 0.0, nonzero),
         }
+
+    def blocks(self) -> tuple[list[Block], list[list[Block | None]]]:
+        return dense_blocks(self.structure), [[None] * len(g.values) for g in self.genes]
 
     def describe(self, candidate: Sequence[int]) -> dict[str, dict[str, Any]]:
         return {g.name: {"sparsity": g.values[lv]} for g, lv in zip(self.genes, candidate)}

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from latency_models.table import CostTable
-from spaces.base import Gene, SearchSpace, block_tables, digest, set_linear
+from spaces.base import Block, Gene, SearchSpace, block_tables, digest, set_linear
 from spaces.importance import input_statistics
 from spaces.structure import Structure
 
@@ -142,6 +142,11 @@ class WidthSpace(SearchSpace):
         mlp = [self.mlp_sizes] * n
         order = [(g.kind, i // 2) for i, g in enumerate(self.genes)]
         return block_tables(self.structure, self.seq_len, attn, mlp, order)
+
+    def blocks(self) -> tuple[list[Block], list[list[Block | None]]]:
+        attn: list[Block | None] = [("attn", g) for g in self.group_counts]
+        mlp: list[Block | None] = [("mlp", w) for w in self.mlp_sizes]
+        return [], [attn if g.kind == "attn" else mlp for g in self.genes]
 
     def describe(self, candidate: Sequence[int]) -> dict[str, dict[str, Any]]:
         s = self.structure

@@ -60,8 +60,8 @@ def tiny_tokenizer(vocab_size: int = 320):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-def save_tiny(path: Path, kind: str = "llama", seed: int = 0) -> Path:
-    tiny_model(kind, seed).save_pretrained(path)
+def save_tiny(path: Path, kind: str = "llama", seed: int = 0, **overrides) -> Path:
+    tiny_model(kind, seed, **overrides).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
 

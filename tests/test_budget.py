@@ -51,7 +51,7 @@ def test_sparsity_maps_to_nonzero_share() -> None:
         "   ",
         ",",
         " , ,",
-        "latency=0.5",
+        "energy=0.5",
         "flop=0.5",
         "flops",
         "flops0.5",

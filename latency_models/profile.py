@@ -1,0 +1,168 @@
+"""Building a latency table on a device: time blocks, fixed parts, then fit a correction.
+
+Each block size is timed as a stack of as many blocks as the model has layers, each with its
+own layer's weights (sliced to the size). A single block timed alone would keep its weights
+in cache between repeats and look faster than it is inside the model, where every layer's
+weights stream from memory; the stack reproduces that traffic, and dividing by its length
+(after removing one empty call's overhead) gives the per-block latency. The fixed parts are
+the embedding, final norm and LM head. A linear correction, fitted to a handful of
+end-to-end measurements, absorbs what the sum of parts misses.
+
+Shared machines change speed from one minute to the next. So graphs are timed in groups,
+round-robin, each group beside the same reference graph, and every latency is the reference's
+overall median times the graph's median ratio to the reference within its group: a slow
+minute slows the graph and its reference alike and cancels out.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from latency_models.backends import Backend, Timing
+from latency_models.graph import DecoderWeights
+from latency_models.latency_table import Block, LatencyTable, WorkloadTable
+from latency_models.workload import Workload
+
+Step = Callable[[str], None]
+
+BLOCK_TIMING = Timing(warmup=1, repeats=5, min_seconds=0.3)
+MODEL_TIMING = Timing(warmup=2, repeats=5, min_seconds=0.3)
+
+
+def architecture(weights: DecoderWeights) -> dict[str, Any]:
+    """The shapes a table is valid for (weights do not change dense-kernel latency)."""
+    attn = [a for a, _ in weights.layers if a is not None]
+    mlp = [m for _, m in weights.layers if m is not None]
+    a = attn[0]
+    assert weights.embed is not None and weights.head is not None
+    return {
+        "layers": len(weights.layers),
+        "hidden": weights.hidden,
+        "kv_heads": a.groups,
+        "group_size": a.group_size,
+        "head_dim": a.head_dim,
+        "intermediate": mlp[0].gate.shape[0],
+        "vocab": weights.head.shape[0],
+        "tied": weights.head is weights.embed,
+        "bias": a.q_bias is not None,
+        "qk_norm": a.q_norm is not None,
+        "dtype": str(weights.embed.dtype).removeprefix("torch."),
+    }
+
+
+def block_stack(dense: DecoderWeights, kind: str, size: int) -> DecoderWeights:
+    """Every layer's ``kind`` block cut to ``size``, chained on hidden states."""
+    layers = []
+    for attn, mlp in dense.layers:
+        if kind == "attn":
+            assert attn is not None
+            layers.append((attn.sliced(size), None))
+        else:
+            assert mlp is not None
+            layers.append((None, mlp.sliced(size)))
+    return dense.without_ends(layers)
+
+
+def measure_beside(
+    backend: Backend,
+    items: Sequence[DecoderWeights],
+    reference: DecoderWeights,
+    workload: Workload,
+    timing: Timing,
+    max_bytes: int,
+    on_group: Callable[[int, int], None] = lambda done, total: None,
+) -> list[float]:
+    """Latency (ms) of each item, timed in groups of at most ``max_bytes`` of weights, each
+    group interleaved with ``reference``; see the module's docstring."""
+    groups: list[list[int]] = []
+    size = max_bytes + 1
+    for i, item in enumerate(items):
+        b = item.nbytes()
+        if size + b > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += b
+    refs: list[float] = []
+    ratios: dict[int, float] = {}
+    for g, group in enumerate(groups):
+        ms = backend.measure_many([reference, *(items[i] for i in group)], workload, timing)
+        refs.append(ms[0].median_ms)
+        for i, m in zip(group, ms[1:]):
+            ratios[i] = m.ratio(ms[0])
+        on_group(g + 1, len(groups))
+    ref_ms = statistics.median(refs)
+    return [ratios[i] * ref_ms for i in range(len(items))]
+
+
+def profile_workload(
+    backend: Backend,
+    dense: DecoderWeights,
+    workload: Workload,
+    shapes: dict[str, Sequence[int]],
+    timing: Timing = BLOCK_TIMING,
+    on_step: Step = lambda text: None,
+) -> WorkloadTable:
+    n = len(dense.layers)
+    sizes = [(kind, size) for kind, ss in shapes.items() for size in sorted(set(ss) - {0})]
+    items = [dense.without_ends([]), dense.ends_only()]
+    items += [block_stack(dense, kind, size) for kind, size in sizes]
+    reference = block_stack(dense, "mlp", max(shapes.get("mlp", [1]) or [1]))
+    if "mlp" not in shapes:
+        reference = dense.ends_only()
+    ms = measure_beside(
+        backend, items, reference, workload, timing, max(2 * dense.nbytes(), 1),
+        lambda done, total: on_step(f"{workload.kind}: block group {done}/{total}"),
+    )  # fmt: skip
+    call, fixed = ms[0], ms[1]
+    blocks: dict[str, dict[int, float]] = {}
+    for (kind, size), t in zip(sizes, ms[2:]):
+        blocks.setdefault(kind, {})[size] = max(t - call, 0.0) / n
+    return WorkloadTable(workload, fixed, blocks, call)
+
+
+def profile(
+    backend: Backend,
+    dense: DecoderWeights,
+    workloads: Sequence[Workload],
+    shapes: dict[str, Sequence[int]],
+    corrections: Iterable[tuple[list[Block], Callable[[], DecoderWeights]]],
+    block_timing: Timing = BLOCK_TIMING,
+    model_timing: Timing = MODEL_TIMING,
+    on_step: Step = lambda text: None,
+) -> LatencyTable:
+    """A latency table for ``dense``'s architecture on ``backend``.
+
+    ``shapes`` lists the sizes to time per block kind; ``corrections`` are whole models (their
+    blocks, and a function giving their weights) measured end to end, beside the dense model,
+    to fit the correction.
+    """
+    start = time.perf_counter()
+    tables = {
+        wl.kind: profile_workload(backend, dense, wl, shapes, block_timing, on_step)
+        for wl in workloads
+    }
+    models = list(corrections)
+    if models:
+        on_step("correction: whole models")
+        weights = [make() for _, make in models]
+        for kind, table in tables.items():
+            measured = measure_beside(
+                backend, weights, dense, table.workload, model_timing, 2 * dense.nbytes(),
+                lambda done, total, kind=kind: on_step(
+                    f"correction ({kind}): whole models, group {done}/{total}"
+                ),
+            )  # fmt: skip
+            table.fit_correction([table.raw(blocks) for blocks, _ in models], measured)
+    info = {
+        "created": dt.datetime.now().isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - start, 1),
+        "corrections": len(models),
+        "timing": {"blocks": asdict(block_timing), "models": asdict(model_timing)},
+    }
+    return LatencyTable(backend.fingerprint(), architecture(dense), tables, info)

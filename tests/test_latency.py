@@ -1,0 +1,429 @@
+"""Latency: the lean decoder and its ONNX graph, tables (construction, additivity,
+fingerprints), validation, and runs under latency budgets, on tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import spaces
+from latency_models.backends import Timing, backend
+from latency_models.graph import Decoder, weights_of
+from latency_models.latency_table import LatencyTable
+from latency_models.onnx_graph import build
+from latency_models.workload import Workload
+from searcher.budget import Budget
+from searcher.cli import main
+from searcher.errors import SearcherError
+from searcher.latency import (
+    LatencySettings,
+    candidate_blocks,
+    candidate_weights,
+    latency_costs,
+    load_table,
+    profile_space,
+    space_shapes,
+    validate,
+)
+from tests.helpers import candidates, tiny_model
+
+FAST = Timing(warmup=1, repeats=3, min_seconds=0.0)
+TINY = ["--seq-len", "32", "--importance-windows", "2", "--validation-windows", "2",
+        "--offspring", "4", "--stages", "1:2,2:1", "--threads", "1"]  # fmt: skip
+
+
+def _space(name: str, kind: str = "llama", windows=None, **options):
+    model = tiny_model(kind)
+    g = torch.Generator().manual_seed(0)
+    win = torch.randint(0, 320, (2, 32), generator=g) if windows is None else windows
+    return spaces.build(name, spaces.Structure.of(model), 32, win, 2, options)
+
+
+def _hf_step(model, ids, nxt):
+    """HF logits of the last prefill position and of one decode step after it."""
+    with torch.no_grad():
+        pre = model(ids, use_cache=True)
+        dec = model(nxt, past_key_values=pre.past_key_values, use_cache=True)
+    return pre.logits[:, -1], dec.logits[:, -1]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("space_name", ["width", "depth"])
+def test_lean_decoder_and_onnx_graph_compute_what_hf_computes(kind: str, space_name: str) -> None:
+    """Pruned candidates: torch decoder == HF (prefill and a cached decode step), and the
+    hand-built ONNX graph run by ONNX Runtime == the torch decoder."""
+    import onnxruntime as ort
+
+    space = _space(space_name, kind)
+    model = space.structure.model
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 320, (2, 12), generator=g)
+    nxt = torch.randint(0, 320, (2, 1), generator=g)
+    for genes in candidates(space, seed=3, n=2)[1:]:  # most pruned and random ones
+        weights = candidate_weights(space, genes)
+        pre_ref, dec_ref = _hf_step(model, ids, nxt)
+        prefill = Decoder(weights, Workload("prefill", 2, 12)).eval()
+        with torch.no_grad():
+            out = prefill(ids)
+        torch.testing.assert_close(out[0], pre_ref, atol=1e-4, rtol=1e-4)
+        decode = Decoder(weights, Workload("decode", 2, 12)).eval()
+        with torch.no_grad():
+            step = decode(nxt, *out[1:])
+        torch.testing.assert_close(step[0], dec_ref, atol=1e-4, rtol=1e-4)
+        for wl, inputs, expect in (
+            (prefill.workload, (ids,), out), (decode.workload, (nxt, *out[1:]), step)
+        ):  # fmt: skip
+            graph = build(weights, wl)
+            opts = ort.SessionOptions()
+            opts.add_external_initializers(
+                list(graph.weights),
+                [ort.OrtValue.ortvalue_from_numpy(a) for a in graph.weights.values()],  # fmt: skip
+            )
+            sess = ort.InferenceSession(graph.model.SerializeToString(), opts)
+            got = sess.run(None, {n: x.numpy() for n, x in zip(graph.inputs, inputs)})
+            assert len(got) == len(expect)
+            for a, b in zip(got, expect):
+                np.testing.assert_allclose(a, b.numpy(), atol=1e-4, rtol=1e-4)
+        space.apply(space.dense())
+
+
+def test_onnx_graph_saves_as_a_standalone_model(tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    weights = weights_of(tiny_model())
+    wl = Workload("prefill", 1, 8)
+    graph = build(weights, wl)
+    graph.save(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(str(tmp_path / "m.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    ids = torch.arange(8)[None]
+    with torch.no_grad():
+        ref = Decoder(weights, wl)(ids)[0]
+    np.testing.assert_allclose(sess.run(None, {"input_ids": ids.numpy()})[0], ref.numpy(),
+                               atol=1e-4, rtol=1e-4)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def width_space():
+    return _space("width", mlp_steps=4)
+
+
+@pytest.fixture(scope="module")
+def ort_table(width_space) -> LatencyTable:
+    return profile_space(
+        width_space, LatencySettings("ort-cpu", 1, 16), corrections=5, block_timing=FAST,
+        model_timing=FAST,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("device", ["ort-cpu", "torch-cpu"])
+def test_profile_builds_a_table_for_every_block_size(width_space, ort_table, device) -> None:
+    table = ort_table if device == "ort-cpu" else profile_space(
+        width_space, LatencySettings(device, 1, 16), corrections=4, block_timing=FAST,
+        model_timing=FAST,
+    )  # fmt: skip
+    s = width_space.structure
+    assert space_shapes(width_space) == {
+        "attn": list(range(1, s.kv_heads + 1)),
+        "mlp": [32, 64, 96, 128],
+    }
+    assert set(table.workloads) == {"prefill", "decode"}
+    for wt in table.workloads.values():
+        assert (wt.workload.batch, wt.workload.seq_len) == (1, 16)
+        assert sorted(wt.blocks["attn"]) == [1, 2, 3]
+        assert sorted(wt.blocks["mlp"]) == [32, 64, 96, 128]
+        assert wt.fixed_ms > 0 and all(v >= 0 for d in wt.blocks.values() for v in d.values())
+        assert len(wt.fit) == table.info["corrections"] and wt.scale > 0
+    assert table.device["backend"] == device and table.device["threads"] >= 1
+    assert {"cpu", "python", "torch"} <= set(table.device)
+    assert table.model["layers"] == 3 and table.model["kv_heads"] == 3
+
+
+def test_table_round_trips_and_is_additive(width_space, ort_table, tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    ort_table.save(path)
+    loaded = LatencyTable.load(path)
+    rng = np.random.default_rng(0)
+    for kind in ("prefill", "decode"):
+        costs = latency_costs(loaded, width_space, kind)
+        wt = loaded.workload(kind)
+        for _ in range(20):
+            genes = tuple(int(rng.integers(0, n)) for n in width_space.n_levels)
+            blocks = candidate_blocks(width_space, genes)
+            # the cost table the search uses is the table's own prediction of the blocks ...
+            assert costs.cost(genes) == pytest.approx(wt.predict(blocks), rel=1e-9)
+            # ... and additive: one gene's change moves it by that block's corrected latency
+            g = int(rng.integers(0, len(genes)))
+            other = tuple(lv if i != g else (lv + 1) % width_space.n_levels[g]
+                          for i, lv in enumerate(genes))  # fmt: skip
+            kind_g, size_old = blocks_of(width_space, g, genes[g])
+            _, size_new = blocks_of(width_space, g, other[g])
+            delta = wt.scale * (wt.block(kind_g, size_new) - wt.block(kind_g, size_old))
+            assert costs.cost(other) - costs.cost(genes) == pytest.approx(delta, abs=1e-9)
+        assert costs.dense() == pytest.approx(
+            latency_costs(ort_table, width_space, kind).dense(), rel=1e-6
+        )
+
+
+def blocks_of(space, gene: int, level: int):
+    return space.blocks()[1][gene][level]
+
+
+def test_correction_fit_recovers_a_linear_map() -> None:
+    from latency_models.latency_table import WorkloadTable
+
+    wt = WorkloadTable(Workload("prefill", 1, 8), 1.0, {"mlp": {4: 1.0}})
+    raw = [10.0, 20.0, 35.0, 50.0]
+    wt.fit_correction(raw, [1.2 * r + 3.0 for r in raw])
+    assert wt.scale == pytest.approx(1.2) and wt.offset_ms == pytest.approx(3.0)
+
+
+def test_sparsity_latency_is_the_dense_latency_and_a_latency_budget_is_refused(
+    ort_table,
+) -> None:
+    space = _space("sparsity")
+    blocks_fixed, per_gene = space.blocks()
+    assert all(b is None for gene in per_gene for b in gene) and len(blocks_fixed) == 6
+    from searcher.latency import refuse_untimed
+
+    with pytest.raises(SearcherError, match="dense kernels"):
+        refuse_untimed(space, Budget.parse("latency=0.8").metrics)
+
+
+def test_a_table_from_another_device_is_refused_unless_allowed(
+    width_space, ort_table, tmp_path: Path
+) -> None:
+    settings = LatencySettings("ort-cpu", 1, 16)
+    d = ort_table.to_dict()
+    d["device"]["cpu"] = "Some Other CPU 9000"
+    d["device"]["onnxruntime"] = "0.1.0"
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(SearcherError, match="another device.*allow-table-mismatch") as err:
+        load_table(path, width_space, settings, allow_mismatch=False)
+    assert "Some Other CPU 9000" in str(err.value)
+    _, notes = load_table(path, width_space, settings, allow_mismatch=True)
+    assert notes and "onnxruntime" in notes[0]
+    # another workload shape or model shape is never usable
+    with pytest.raises(SearcherError, match="--batch 2 --seq 16"):
+        load_table(path, width_space, LatencySettings("ort-cpu", 2, 16), True)
+    d["model"]["hidden"] = 4096
+    path.write_text(json.dumps(d))
+    with pytest.raises(SearcherError, match="another model shape"):
+        load_table(path, width_space, settings, True)
+
+
+def test_validation_reports_shares_and_errors(width_space, ort_table) -> None:
+    res = validate(width_space, ort_table, LatencySettings("ort-cpu", 1, 16), n=4, seed=0)
+    for kind, v in res.items():
+        s = v.summary()
+        assert s["n"] == 4 and 0 <= s["within_5pct"] <= s["within_10pct"] <= 1
+        errors = np.abs(np.array(v.predicted) / np.array(v.measured) - 1)
+        assert s["within_10pct"] == pytest.approx(np.mean(errors <= 0.1))
+        assert s["rmse_pct"] == pytest.approx(np.sqrt(np.mean(errors**2)) * 100)
+        assert len(v.pairs()) == 4 and v.workload.kind == kind
+
+
+def test_unknown_or_missing_devices_are_clear_errors() -> None:
+    with pytest.raises(SearcherError, match="choose one of"):
+        backend("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SearcherError, match="no CUDA GPU"):
+            backend("torch-cuda")
+        with pytest.raises(SearcherError, match="CUDAExecutionProvider"):
+            backend("ort-cuda")
+
+
+def test_budget_parses_latency_terms() -> None:
+    b = Budget.parse("latency=0.6,flops=0.7")
+    assert b.limits == {"latency": 0.6, "flops": 0.7}
+    ms = Budget.parse("latency_ms=120")
+    assert ms.absolute == {"latency": 120.0} and ms.metrics == {"latency"}
+    assert ms.resolved({"latency": 200.0}).limits == {"latency": pytest.approx(0.6)}
+    for bad in ("latency_ms=0", "latency=0.5,latency_ms=10", "latency_ms=abc"):
+        with pytest.raises(SearcherError):
+            Budget.parse(bad)
+
+
+WIDE = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory) -> Path:
+    """A small model wide enough that compute, not per-op overhead, sets its latency."""
+    from tests.helpers import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("wide"), **WIDE)
+
+
+def _wide_session(wide_dir: Path):
+    from searcher.run import open_session
+
+    return open_session(
+        str(wide_dir), None, "width", {"mlp_steps": 4}, 32, 2, 2, 2, 4, "cpu", "float32", False
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_table(wide_dir: Path, tmp_path_factory) -> Path:
+    """A table for the CLI runs' model and width space."""
+    s = _wide_session(wide_dir)
+    table = profile_space(s.space, LatencySettings("torch-cpu", 1, 64), corrections=4)
+    path = tmp_path_factory.mktemp("lat") / "tiny-torch.json"
+    table.save(path)
+    return path
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+LAT = ["--latency-device", "torch-cpu", "--latency-seq", "64", "--space-option", "mlp_steps=4"]
+
+
+def test_predicted_latency_run(wide_dir: Path, tiny_table: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "r"
+    code, stdout, err = _run(
+        ["run", "--model", str(wide_dir), "--budget", "latency=0.7", "--evals", "6",
+         "--out", str(out), "--latency-table", str(tiny_table), *LAT, *TINY], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    best = json.loads((out / "best.json").read_text())
+    assert best["fractions"]["latency"] <= 0.7 + 1e-9 and best["feasible"]
+    for kind in ("prefill", "decode"):  # both workloads, predicted and re-measured
+        lat = best["latency"][kind]
+        assert lat["measured_ms"] > 0 and lat["dense_measured_ms"] > 0 and lat["speedup"] > 0
+        table = LatencyTable.load(tiny_table).workload(kind)
+        assert lat["dense_predicted_ms"] >= table.fixed_ms * table.scale
+    predicted = best["latency"]["prefill"]["predicted_ms"]
+    assert predicted == pytest.approx(best["costs"]["latency"], rel=1e-3)
+    front = json.loads((out / "pareto.json").read_text())["front"]
+    assert all("measured_ms" in e["latency"]["decode"] for e in front)
+    run = json.loads((out / "run.json").read_text())
+    assert run["latency"]["mode"] == "predicted" and run["latency"]["table"] == str(tiny_table)
+    assert "faster" in stdout and "prefill latency" in stdout
+
+
+def test_latency_ms_budget_resolves_against_the_dense_prediction(
+    wide_dir: Path, tiny_table: Path, tmp_path: Path, capsys
+) -> None:
+    table = LatencyTable.load(tiny_table)
+    s = _wide_session(wide_dir)
+    dense_ms = latency_costs(table, s.space, "decode").dense()
+    out = tmp_path / "r"
+    code, _, err = _run(
+        ["run", "--model", str(wide_dir), "--budget", f"latency_ms={0.8 * dense_ms:.6f}",
+         "--workload", "decode", "--evals", "4", "--out", str(out),
+         "--latency-table", str(tiny_table), *LAT, *TINY], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    best = json.loads((out / "best.json").read_text())
+    assert best["costs"]["latency"] <= 0.8 * dense_ms * (1 + 1e-6)
+    assert best["fractions"]["latency"] == pytest.approx(best["costs"]["latency"] / dense_ms)
+
+
+def test_measured_latency_run(wide_dir: Path, tiny_table: Path, tmp_path: Path, capsys) -> None:
+    """--latency measured: every candidate is timed on the device; feasibility and the best
+    follow the measurements, not the table."""
+    out = tmp_path / "r"
+    code, _, err = _run(
+        ["run", "--model", str(wide_dir), "--budget", "latency=0.8", "--latency", "measured",
+         "--evals", "8", "--out", str(out), "--latency-table", str(tiny_table), *LAT, *TINY],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    import pandas as pd
+
+    run = json.loads((out / "run.json").read_text())
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert run["latency"]["mode"] == "measured"
+    assert run["latency"]["measured_candidates"] >= len(trials) + 1  # plus the final re-measure
+    dense_ms = run["latency"]["dense_measured_ms"]["prefill"]
+    assert trials["latency_fraction"].to_numpy() == pytest.approx(
+        trials["latency"].to_numpy() / dense_ms,
+        rel=1e-4,  # run.json rounds to 0.1 us
+    )
+    # measured, so not what the (additive) table predicts for the same candidates
+    s = _wide_session(wide_dir)
+    costs = latency_costs(LatencyTable.load(tiny_table), s.space, "prefill")
+    scale = dense_ms / costs.dense()
+    predicted = np.array([costs.cost(tuple(g)) * scale for g in trials["genes"]])
+    assert not np.allclose(predicted, trials["latency"].to_numpy(), rtol=1e-6)
+    feasible = trials["latency_fraction"] <= 0.8 + 1e-9
+    assert (trials["feasible"] == feasible).all()
+    assert trials.loc[~feasible, "windows"].eq(0).all()  # over budget when measured: unscored
+    best = json.loads((out / "best.json").read_text())
+    assert best["feasible"] and best["fractions"]["latency"] <= 0.8 + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--latency-device", "tpu"], "unknown latency device"),
+        (["--latency-table", "/nonexistent/t.json"], "no such file"),
+        (["--latency-device", "torch-cuda"], "no CUDA GPU"),
+        (["--space", "sparsity", "--budget", "latency=0.5"], "dense kernels"),
+    ],
+)
+def test_latency_errors_are_one_line(args, needle, wide_dir: Path, tmp_path: Path, capsys) -> None:
+    if needle == "no CUDA GPU" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    base = ["run", "--model", str(wide_dir), "--budget", "latency=0.7", "--out",
+            str(tmp_path / "r"), *LAT[:4], *TINY]  # fmt: skip
+    code, _, err = _run([*base, *args], capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_mismatched_table_is_refused_by_run(
+    wide_dir: Path, tiny_table: Path, tmp_path: Path, capsys
+) -> None:
+    d = json.loads(tiny_table.read_text())
+    d["device"]["threads"] = 64
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(d))
+    args = ["run", "--model", str(wide_dir), "--budget", "latency=0.7", "--evals", "3",
+            "--latency-table", str(other), *LAT, *TINY]  # fmt: skip
+    code, _, err = _run([*args, "--out", str(tmp_path / "a")], capsys)
+    assert code == 2 and "allow-table-mismatch" in err and "threads" in err
+    code, _, err = _run([*args, "--out", str(tmp_path / "b"), "--allow-table-mismatch"], capsys)
+    assert code == 0, err
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert "threads" in run["latency"]["table_mismatch"][0]
+
+
+def test_profile_validate_and_measure_commands(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    table = tmp_path / "t.json"
+    dev = ["--device", "torch-cpu", "--seq", "16", "--model", str(tiny_dir)]
+    code, out, err = _run(["profile", *dev, "--out", str(table), "--corrections", "3"], capsys)
+    assert code == 0, err
+    assert table.is_file() and "correction" in out
+    code, out, err = _run(
+        ["latency", "validate", *dev, "--table", str(table), "--n", "3", "--out",
+         str(tmp_path / "v"), "--json"], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    res = json.loads(out)
+    assert set(res["summary"]) == {"prefill", "decode"}
+    assert (tmp_path / "v" / "validation.png").read_bytes()[:4] == b"\x89PNG"
+    pairs = json.loads((tmp_path / "v" / "validation.json").read_text())["pairs"]
+    assert len(pairs["decode"]) == 3
+    run_dir = tmp_path / "r"
+    assert main(["run", "--model", str(tiny_dir), "--budget", "flops=0.5", "--evals", "3",
+                 "--out", str(run_dir), *TINY]) == 0  # fmt: skip
+    capsys.readouterr()
+    code, out, err = _run(
+        ["latency", "measure", str(run_dir / "best.json"), *dev[:4], "--table", str(table),
+         "--json"], capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    res = json.loads(out)
+    for w in res["workloads"].values():
+        assert w["measured_ms"] > 0 and w["speedup"] > 0 and "predicted_ms" in w

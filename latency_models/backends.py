@@ -28,8 +28,9 @@ from searcher.errors import SearcherError
 
 @dataclass(frozen=True)
 class Timing:
-    """``warmup`` calls each, then rounds until ``repeats`` rounds and ``min_seconds`` per
-    graph have passed (``max_repeats`` at most)."""
+    """``warmup`` calls of each graph, then rounds (one call of each graph per round) until at
+    least ``repeats`` rounds and ``min_seconds`` times the number of graphs have passed, and
+    at most ``max_repeats`` rounds."""
 
     warmup: int = 2
     repeats: int = 5
@@ -60,14 +61,6 @@ class Measurement:
         """Median of the round-by-round ratios to a graph timed interleaved with this one: on
         a machine whose speed drifts (shared VMs), far steadier than a ratio of medians."""
         return statistics.median(a / b for a, b in zip(self.samples, other.samples, strict=True))
-
-    def to_dict(self) -> dict[str, float]:
-        return {
-            "median_ms": round(self.median_ms, 4),
-            "p10_ms": round(self.p10_ms, 4),
-            "p90_ms": round(self.p90_ms, 4),
-            "repeats": self.repeats,
-        }
 
 
 def time_interleaved(
@@ -118,7 +111,7 @@ class Backend(ABC):
     gpu: ClassVar[bool] = False
 
     def __init__(self, threads: int | None = None) -> None:
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or len(os.sched_getaffinity(0)) or 1  # the cores we may use
         self._check()
 
     @abstractmethod
@@ -141,9 +134,6 @@ class Backend(ABC):
     ) -> list[Measurement]:
         return self.time([self.prepare(w, workload) for w in weights], timing)
 
-    def measure(self, weights: DecoderWeights, workload: Workload, timing: Timing) -> Measurement:
-        return self.measure_many([weights], workload, timing)[0]
-
     def fingerprint(self) -> dict[str, Any]:
         """What the latency of a graph on this backend depends on, besides the graph."""
         out: dict[str, Any] = {
@@ -155,7 +145,7 @@ class Backend(ABC):
             "torch": torch.__version__,
         }
         if self.gpu:
-            out["gpu"] = torch.cuda.get_device_name(0)
+            out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "unknown"
             out["cuda"] = torch.version.cuda
         return out
 
@@ -212,10 +202,13 @@ class OrtBackend(Backend):
             raise SearcherError(
                 f"--device {self.name} needs onnxruntime: pip install onnxruntime"
             ) from None
-        if self.provider not in ort.get_available_providers():
+        # onnxruntime-gpu lists its CUDA provider even on a machine without a GPU
+        no_gpu = self.gpu and not torch.cuda.is_available()
+        if self.provider not in ort.get_available_providers() or no_gpu:
             raise SearcherError(
-                f"--device {self.name}: ONNX Runtime here has no {self.provider} (it has "
-                f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a "
+                f"--device {self.name}: ONNX Runtime here has no usable {self.provider} (it "
+                f"has {', '.join(ort.get_available_providers())}"
+                f"{'; no CUDA GPU is visible' if no_gpu else ''}); install onnxruntime-gpu on a "
                 "machine with a CUDA GPU, or use ort-cpu"
             )
 
@@ -235,9 +228,12 @@ class OrtBackend(Backend):
         values = [ort.OrtValue.ortvalue_from_numpy(graph.weights[n], device, 0) for n in names]
         if names:
             opts.add_external_initializers(names, values)
-        session = ort.InferenceSession(
-            graph.model.SerializeToString(), opts, providers=[self.provider]
-        )
+        try:
+            session = ort.InferenceSession(
+                graph.model.SerializeToString(), opts, providers=[self.provider]
+            )
+        except Exception as exc:  # ORT raises its own exception types, or RuntimeError
+            raise SearcherError(f"ONNX Runtime could not load the graph to time: {exc}") from None
         feed = {n: x.numpy() for n, x in zip(graph.inputs, example_inputs(weights, workload))}
         if not self.gpu:
 
@@ -283,7 +279,13 @@ def _shared_pool(threads: int) -> None:
         return
     from onnxruntime.capi import _pybind_state
 
-    _pybind_state.set_global_thread_pool_sizes(threads, 1)
+    try:
+        _pybind_state.set_global_thread_pool_sizes(threads, 1)
+    except RuntimeError as exc:  # ORT's pools exist already (something else made a session)
+        raise SearcherError(
+            f"cannot give ONNX Runtime {threads} threads in this process ({exc}); measure in a "
+            "new process"
+        ) from None
     _ORT_POOL.append(threads)
 
 

@@ -1,12 +1,13 @@
-"""A lean, exportable forward pass of a (pruned) Llama-layout decoder, for latency measurement.
+"""A lean forward pass of a (pruned) Llama-layout decoder, for latency measurement.
 
-Hugging Face's forward builds masks and caches in Python, which the TorchScript ONNX exporter
-cannot follow and which adds interpreter overhead a deployed runtime does not have. This module
-holds the same arithmetic as plain tensor ops over static shapes: one graph per workload, with
-the rotary tables and the causal mask baked in. It runs in torch as it is and exports to ONNX
-in about a second, so a candidate can be measured on ONNX Runtime inside a search.
+Hugging Face's forward builds masks and caches in Python, which adds interpreter overhead a
+deployed runtime does not have and which the TorchScript ONNX exporter cannot follow. This
+module holds the same arithmetic as plain tensor ops over static shapes: one graph per
+workload, with the rotary tables and the causal mask baked in. torch runs it as it is;
+``latency_models.onnx_graph`` writes the same graph for ONNX Runtime.
 
 Blocks may have any number of KV groups and MLP neurons, or be missing (a dropped block).
+Weights are compacted on the way in, so the graph runs a physically pruned model.
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ import torch
 from torch import nn
 
 from latency_models.workload import Workload
+from searcher.errors import SearcherError
 
 Rotary = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 """(first position, count) -> (cos, sin), each [count, head_dim]."""
 
 
 def _param(t: torch.Tensor | None) -> nn.Parameter | None:
-    return None if t is None else nn.Parameter(t.detach(), requires_grad=False)
+    """A parameter with compact storage (a column slice of a weight is copied; a row slice or
+    a whole weight is not)."""
+    return None if t is None else nn.Parameter(t.detach().contiguous(), requires_grad=False)
 
 
 class Norm(nn.Module):
@@ -107,10 +111,11 @@ class DecoderWeights:
         return DecoderWeights(list(layers), self.eps, self.rotary, self.hidden)
 
     def nbytes(self) -> int:
-        """Bytes of weights a forward pass reads (a tied head counted once)."""
+        """Bytes of weights a forward pass reads, as float32 (what ONNX Runtime holds; a tied
+        head counted once)."""
         seen: dict[int, int] = {}
         for t in self._tensors():
-            seen[id(t)] = t.numel() * t.element_size()
+            seen[id(t)] = t.numel() * max(t.element_size(), 4)
         return sum(seen.values())
 
     def _tensors(self) -> list[torch.Tensor]:
@@ -220,10 +225,6 @@ class Decoder(nn.Module):
         else:
             self.mask = None
 
-    @property
-    def attention(self) -> list[Attention]:
-        return [b for b in self.blocks if isinstance(b, Attention)]
-
     def example_inputs(self, dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, ...]:
         return example_inputs(self.source, self.workload, dtype, device)
 
@@ -242,15 +243,6 @@ class Decoder(nn.Module):
         if self.head is not None:
             h = torch.nn.functional.linear(self.final_norm(h[:, -1]), self.head)
         return (h, *cache)
-
-    def names(self) -> tuple[list[str], list[str]]:
-        """ONNX input and output names."""
-        n = len(self.attention)
-        past = [f"past_{kv}_{i}" for i in range(n) for kv in "kv"]
-        present = [f"present_{kv}_{i}" for i in range(n) for kv in "kv"]
-        first = "input_ids" if self.embed is not None else "hidden_in"
-        last = "logits" if self.head is not None else "hidden_out"
-        return [first] + ([] if self.workload.prefill else past), [last, *present]
 
 
 def example_inputs(
@@ -284,7 +276,7 @@ def weights_of(model: nn.Module) -> DecoderWeights:
     cfg = model.config
     act = getattr(cfg, "hidden_act", "silu")
     if act != "silu":
-        raise ValueError(f"latency measurement supports SiLU-gated MLPs, not {act!r}")
+        raise SearcherError(f"latency measurement supports SiLU-gated MLPs, not {act!r}")
     base = model.model
     eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
     heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None)

@@ -20,7 +20,7 @@ from latency_models.graph import AttentionWeights, DecoderWeights, MLPWeights
 from latency_models.workload import Workload
 
 OPSET = 17
-_TYPES = {np.dtype("float32"): TensorProto.FLOAT, np.dtype("float16"): TensorProto.FLOAT16}
+_TYPES = {np.dtype("float32"): TensorProto.FLOAT}
 
 
 @dataclass
@@ -109,9 +109,10 @@ class _Builder:
         return self.op("Add", self.op("Mul", x, cos), self.op("Mul", rot, sin))
 
 
-def build(weights: DecoderWeights, workload: Workload, dtype: str = "float32") -> OnnxDecoder:
-    """The ONNX graph of ``Decoder(weights, workload)``: same inputs, outputs and arithmetic."""
-    b = _Builder(np.dtype(dtype))
+def build(weights: DecoderWeights, workload: Workload) -> OnnxDecoder:
+    """The ONNX graph of ``Decoder(weights, workload)``: same inputs, outputs and arithmetic,
+    in float32 (what ONNX Runtime's CPU kernels run)."""
+    b = _Builder(np.dtype("float32"))
     wl = workload
     tokens = wl.seq_len if wl.prefill else 1
     first = 0 if wl.prefill else wl.seq_len

@@ -112,11 +112,10 @@ def profile_workload(
     sizes = [(kind, size) for kind, ss in shapes.items() for size in sorted(set(ss) - {0})]
     items = [dense.without_ends([]), dense.ends_only()]
     items += [block_stack(dense, kind, size) for kind, size in sizes]
-    reference = block_stack(dense, "mlp", max(shapes.get("mlp", [1]) or [1]))
-    if "mlp" not in shapes:
-        reference = dense.ends_only()
+    mlp = shapes.get("mlp")
+    reference = block_stack(dense, "mlp", max(mlp)) if mlp else dense.ends_only()
     ms = measure_beside(
-        backend, items, reference, workload, timing, max(2 * dense.nbytes(), 1),
+        backend, items, reference, workload, timing, dense.nbytes(),
         lambda done, total: on_step(f"{workload.kind}: block group {done}/{total}"),
     )  # fmt: skip
     call, fixed = ms[0], ms[1]
@@ -153,7 +152,7 @@ def profile(
         weights = [make() for _, make in models]
         for kind, table in tables.items():
             measured = measure_beside(
-                backend, weights, dense, table.workload, model_timing, 2 * dense.nbytes(),
+                backend, weights, dense, table.workload, model_timing, dense.nbytes(),
                 lambda done, total, kind=kind: on_step(
                     f"correction ({kind}): whole models, group {done}/{total}"
                 ),

@@ -369,6 +369,8 @@ def _latency(args: argparse.Namespace) -> None:
             print(dumps(res))
             return
         print(f"{args.config} on {res['device']['backend']} ({res['device']['threads']} threads)")
+        if "note" in res:
+            print(f"  {res['note']}")
         for w in res["workloads"].values():
             pred = f", predicted {w['predicted_ms']:.2f} ms" if "predicted_ms" in w else ""
             print(f"  {w['workload']}: {w['measured_ms']:.2f} ms{pred}; dense "

@@ -3,6 +3,8 @@ table, price candidates with it, measure candidates, and validate the table's pr
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -20,6 +22,7 @@ from latency_models.profile import BLOCK_TIMING, MODEL_TIMING, architecture, pro
 from latency_models.table import CostTable
 from latency_models.workload import KINDS, Workload, both
 from searcher.errors import SearcherError
+from spaces.base import digest
 
 TABLE_DIR = Path("results") / "latency"
 
@@ -51,11 +54,22 @@ def check_workload(kind: str) -> str:
     return kind
 
 
-def default_table_path(identity: dict[str, Any], settings: LatencySettings) -> Path:
-    """results/latency/<model>-<device>-b<B>-s<S>.json"""
+def default_table_path(
+    identity: dict[str, Any], settings: LatencySettings, space: spaces.SearchSpace
+) -> Path:
+    """results/latency/<model>-<device>-t<threads>-b<B>-s<S>-<space>[-<options digest>].json:
+    one table per thing its numbers depend on, so profiling one never overwrites another."""
     name = str(identity.get("source", "model")).rsplit(":", 1)[-1].rstrip("/")
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name) or "model"
-    return TABLE_DIR / f"{name}-{settings.device}-b{settings.batch}-s{settings.seq_len}.json"
+    tag = f"{space.name}-{digest(sorted(space.options().items()))[:8]}"
+    threads = settings.backend().threads
+    return TABLE_DIR / (
+        f"{name}-{settings.device}-t{threads}-b{settings.batch}-s{settings.seq_len}-{tag}.json"
+    )
+
+
+def table_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def space_shapes(space: spaces.SearchSpace) -> dict[str, list[int]]:
@@ -128,8 +142,7 @@ def profile_space(
 ) -> LatencyTable:
     """A latency table for the space's model on ``settings.device``, covering the space."""
     device = settings.backend()
-    space.apply(space.dense())
-    dense = weights_of(space.structure.model)
+    dense = candidate_weights(space, space.dense())
     models = [
         (candidate_blocks(space, c), lambda c=c: candidate_weights(space, c))
         for c in correction_set(space, corrections, seed + 1)
@@ -150,9 +163,8 @@ def load_table(
 ) -> tuple[LatencyTable, list[str]]:
     """The table at ``path``, checked against this model, workload and device."""
     table = LatencyTable.load(path)
-    space.apply(space.dense())
     notes = table.check(
-        settings.backend().fingerprint(), architecture(weights_of(space.structure.model)),
+        settings.backend().fingerprint(), architecture(candidate_weights(space, space.dense())),
         settings.batch, settings.seq_len, allow_mismatch, where=f"latency table {path}",
     )  # fmt: skip
     return table, notes
@@ -358,10 +370,32 @@ def run_settings(spec: Any) -> LatencySettings:
     return settings
 
 
+def workload_report(costs: CostTable | None, genes: Sequence[int], timed: Timed) -> dict[str, Any]:
+    """One workload's latency of a config: measured beside dense, and predicted if a table."""
+    c, d = timed.candidate, timed.dense
+    out: dict[str, Any] = {
+        "measured_ms": round(c.median_ms, 4),
+        "p10_ms": round(c.p10_ms, 4),
+        "p90_ms": round(c.p90_ms, 4),
+        "dense_measured_ms": round(d.median_ms, 4),
+        "measured_fraction": round(timed.ratio, 5),
+        "speedup": round(1.0 / timed.ratio, 4),
+    }
+    if costs is not None:
+        out["predicted_ms"] = round(costs.cost(genes), 4)
+        out["dense_predicted_ms"] = round(costs.dense(), 4)
+    return out
+
+
 @dataclass
 class RunLatency:
     """A run's latency model: the table (with its path and any mismatch the user allowed),
-    and a meter for measured mode and the final re-measurement."""
+    and a meter for measured mode and the final re-measurement.
+
+    In measured mode each measurement is appended to ``log`` (``RUN_DIR/latency.jsonl``) as
+    it is taken, and a resumed run reads them back rather than timing again: a candidate
+    keeps the latency (and so the feasibility) it had.
+    """
 
     settings: LatencySettings
     workload: str
@@ -370,7 +404,10 @@ class RunLatency:
     path: Path
     notes: list[str]
     meter: Meter
+    log: Path | None = None
     dense: dict[str, Measurement] = field(default_factory=dict)
+    limit: float | None = None  # the budget's latency limit, as a fraction of dense
+    _logged: dict[tuple[int, ...], float] = field(default_factory=dict)
 
     def costs(self, space: spaces.SearchSpace) -> CostTable:
         """The cost table the search uses; in measured mode rescaled so that its dense value
@@ -378,30 +415,53 @@ class RunLatency:
         table = latency_costs(self.table, space, self.workload)
         if self.mode != "measured":
             return table
-        k = self.dense[self.workload].median_ms / table.dense()
+        k = self.dense_ms / table.dense()
         return CostTable.build("latency", table.base * k, [lv * k for lv in table.levels])
 
+    @property
+    def dense_ms(self) -> float:
+        return self._logged.get((), 0.0) or self.dense[self.workload].median_ms
+
+    def start_measured(self, space: spaces.SearchSpace, on_phase: Callable[[str], None]) -> None:
+        """Measured mode: read the log of an interrupted run, or time the dense model."""
+        assert self.log is not None
+        if self.log.is_file():
+            for line in self.log.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    self._logged[tuple(row["genes"])] = float(row["latency_ms"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a kill
+        if () not in self._logged:
+            on_phase(f"measuring the dense model on {self.settings.device}")
+            timed = self.meter.measure(space.dense(), [self.workload])[self.workload]
+            self._append((), timed.dense.median_ms)
+
+    def _append(self, genes: tuple[int, ...], ms: float) -> None:
+        assert self.log is not None
+        self._logged[genes] = ms
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"genes": list(genes), "latency_ms": ms}) + "\n")
+            f.flush()
+
     def measure(self, genes: Sequence[int]) -> dict[str, float]:
-        """Measured mode: the candidate's latency, timed now beside the dense model and
-        expressed in the dense model's milliseconds as measured at the start."""
-        timed = self.meter.measure(genes, [self.workload])[self.workload]
-        return {"latency": timed.ratio * self.dense[self.workload].median_ms}
+        """Measured mode: the candidate's latency, timed beside the dense model and expressed
+        in the dense model's milliseconds as measured at the start."""
+        key = tuple(genes)
+        if key not in self._logged:
+            timed = self.meter.measure(genes, [self.workload])[self.workload]
+            self._append(key, timed.ratio * self.dense_ms)
+        return {"latency": self._logged[key]}
 
     def report(self, space: spaces.SearchSpace, genes: Sequence[int]) -> dict[str, Any]:
         """Predicted and measured latency of both workloads, and the speed-up over dense
-        (timed beside the dense model)."""
+        (timed beside the dense model); for the budgeted workload, whether it is within."""
         out: dict[str, Any] = {}
         for kind, t in self.meter.measure(genes).items():
-            costs = latency_costs(self.table, space, kind)
-            out[kind] = {
-                "predicted_ms": round(costs.cost(genes), 4),
-                "measured_ms": round(t.candidate.median_ms, 4),
-                "p10_ms": round(t.candidate.p10_ms, 4),
-                "p90_ms": round(t.candidate.p90_ms, 4),
-                "dense_predicted_ms": round(costs.dense(), 4),
-                "dense_measured_ms": round(t.dense.median_ms, 4),
-                "speedup": round(1.0 / t.ratio, 4),
-            }
+            out[kind] = workload_report(latency_costs(self.table, space, kind), genes, t)
+            if kind == self.workload and self.limit is not None:
+                out[kind]["within_budget"] = bool(t.ratio <= self.limit + 1e-9)
             self.dense.setdefault(kind, t.dense)
         return out
 
@@ -409,12 +469,14 @@ class RunLatency:
         return {
             "device": self.meter.device.fingerprint(),
             "table": str(self.path),
+            "table_sha256": table_digest(self.path),
             "table_mismatch": self.notes,
             "mode": self.mode,
             "workload": self.workload,
             "batch": self.settings.batch,
             "seq_len": self.settings.seq_len,
-            "dense_measured_ms": {k: round(m.median_ms, 4) for k, m in self.dense.items()},
+            "dense_measured_ms": {k: round(m.median_ms, 4) for k, m in self.dense.items()}
+            | ({self.workload: self.dense_ms} if self.mode == "measured" else {}),
             "measured_candidates": self.meter.count,
         }
 
@@ -424,22 +486,35 @@ def open_run_latency(
     settings: LatencySettings,
     space: spaces.SearchSpace,
     identity: dict[str, Any],
+    out: Path,
+    table_sha256: str | None = None,
     on_phase: Callable[[str], None] = lambda text: None,
 ) -> RunLatency:
-    """Load (or, the first time, build and save) the device's table, checked for this run."""
-    path = (
-        Path(spec.latency_table) if spec.latency_table else default_table_path(identity, settings)
-    )
+    """Load (or, the first time, build and save) the device's table, checked for this run.
+
+    ``spec.latency_table`` is set to the table's absolute path, so that run.json names it and
+    a resumed run uses the same table; ``table_sha256`` (from an interrupted run) must match.
+    """
+    if spec.latency_table:
+        path = Path(spec.latency_table).resolve()
+    else:
+        path = default_table_path(identity, settings, space).resolve()
     if not path.is_file():
         on_phase(f"profiling {settings.device} latency once (saved to {path})")
         table = profile_space(space, settings, on_step=lambda text: on_phase(f"profiling: {text}"))
         table.info["model"] = identity.get("source")
         table.save(path)
+    if table_sha256 is not None and table_digest(path) != table_sha256:
+        raise SearcherError(
+            f"the latency table {path} has changed since this run started: the run's "
+            "latencies cannot be continued with it; start a new run"
+        )
+    spec.latency_table = str(path)
     table, notes = load_table(path, space, settings, spec.allow_table_mismatch)
-    latency = RunLatency(
-        settings, spec.workload, spec.latency, table, path, notes, Meter(space, settings)
-    )
+    lat = RunLatency(
+        settings, spec.workload, spec.latency, table, path, notes, Meter(space, settings),
+        log=out / "latency.jsonl" if spec.latency == "measured" else None,
+    )  # fmt: skip
     if spec.latency == "measured":
-        on_phase(f"measuring the dense model on {settings.device}")
-        latency.dense = {k: t.dense for k, t in latency.meter.measure(space.dense()).items()}
-    return latency
+        lat.start_measured(space, on_phase)
+    return lat

@@ -21,6 +21,7 @@ from searcher.latency import (
     plot_validation,
     profile_space,
     validate,
+    workload_report,
 )
 from searcher.results import write_json
 from searcher.run import Session, open_session, read_config, session_of_config
@@ -68,7 +69,9 @@ def profile_model(
     session = _session(model, space, space_options, data, trust_remote_code)
     table = profile_space(session.space, settings, corrections, seed, on_step)
     table.info["model"] = session.loaded.identity["source"]
-    path = Path(out) if out else default_table_path(session.loaded.identity, settings)
+    path = (
+        Path(out) if out else default_table_path(session.loaded.identity, settings, session.space)
+    )
     table.save(path)
     return ProfileResult(path, table, time.perf_counter() - start)
 
@@ -95,7 +98,7 @@ def validate_table(
     kinds = KINDS if workload is None else (workload,)
     settings.backend()
     session = _session(model, space, space_options, data, trust_remote_code)
-    path = table_path or default_table_path(session.loaded.identity, settings)
+    path = table_path or default_table_path(session.loaded.identity, settings, session.space)
     if not Path(path).is_file():
         raise SearcherError(
             f"no latency table at {path}: build one with searcher profile --device "
@@ -137,36 +140,32 @@ def measure_config(
     allow_mismatch: bool = False,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """``searcher latency measure``: a saved config's latency and the dense model's, measured
-    on the device (and predicted, when a table for it exists)."""
+    """``searcher latency measure``: a saved config's latency, timed beside the dense model's
+    on the device, and predicted too when there is a table for it (``table_path``, or the
+    default table if it exists and fits this machine)."""
     settings.backend()
     config = read_config(path, pick)
     session, genes = session_of_config(path, config, model, "cpu", None, None, trust_remote_code)
     space = session.space
-    meter = Meter(space, settings)
-    timed = meter.measure(genes)
-    tpath = table_path or default_table_path(session.loaded.identity, settings)
-    table = None
-    if Path(tpath).is_file():
-        table, _ = load_table(tpath, space, settings, allow_mismatch)
-    elif table_path:
-        raise SearcherError(f"no latency table at {table_path}")
-    out: dict[str, Any] = {"config": path, "device": meter.device.fingerprint(), "workloads": {}}
-    for kind in KINDS:
-        wl = next(w for w in settings.workloads if w.kind == kind)
-        t = timed[kind]
-        entry = {
-            "workload": wl.describe(),
-            "measured_ms": t.candidate.median_ms,
-            "spread": t.candidate.spread,
-            "dense_measured_ms": t.dense.median_ms,
-            "speedup": 1.0 / t.ratio,
-        }
-        if table is not None:
-            costs = latency_costs(table, space, kind)
-            entry["predicted_ms"] = costs.cost(genes)
-            entry["dense_predicted_ms"] = costs.dense()
-        out["workloads"][kind] = entry
+    table, note = None, None
+    if table_path:
+        table, _ = load_table(table_path, space, settings, allow_mismatch)
+    else:
+        default = default_table_path(session.loaded.identity, settings, space)
+        if default.is_file():
+            try:
+                table, _ = load_table(default, space, settings, allow_mismatch)
+            except SearcherError as exc:
+                note = f"no prediction: {exc}"
+    timed = Meter(space, settings).measure(genes)
+    out: dict[str, Any] = {"config": path, "device": settings.backend().fingerprint()}
+    if note:
+        out["note"] = note
+    out["workloads"] = {}
+    for wl in settings.workloads:
+        costs = None if table is None else latency_costs(table, space, wl.kind)
+        entry = workload_report(costs, genes, timed[wl.kind])
+        out["workloads"][wl.kind] = {"workload": wl.describe(), **entry}
     return out
 
 

@@ -284,11 +284,14 @@ def run(
     if latency_settings is not None:
         t0 = time.perf_counter()
         lat = latency.open_run_latency(
-            spec, latency_settings, space, session.loaded.identity, on_phase
-        )
+            spec, latency_settings, space, session.loaded.identity, out,
+            previous.get("latency", {}).get("table_sha256"), on_phase,
+        )  # fmt: skip
         timings["latency_setup"] = time.perf_counter() - t0
     problem = problem_for(space, budget, {"latency": lat.costs(space)} if lat else None)
     budget = problem.budget  # absolute limits (latency_ms) now fractions of dense
+    if lat is not None:
+        lat.limit = budget.limits.get("latency")
 
     t0 = time.perf_counter()
     on_phase("dense reference")

@@ -215,6 +215,11 @@ def tune_search(
         raise SearcherError(
             f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}"
         )
+    if "latency" in Budget.parse(spec.budget).metrics:
+        raise SearcherError(
+            "Ray Tune experiments budget FLOPs, parameters or sparsity; for a latency budget "
+            "use searcher run (its latency table and measurements live in the driver)"
+        )
     spec = portable(spec)
     full = parse_stages(spec.stages)[-1][0]
     space = param_space(spec)

@@ -362,6 +362,17 @@ def test_measured_latency_run(wide_dir: Path, tiny_table: Path, tmp_path: Path, 
     assert trials.loc[~feasible, "windows"].eq(0).all()  # over budget when measured: unscored
     best = json.loads((out / "best.json").read_text())
     assert best["feasible"] and best["fractions"]["latency"] <= 0.8 + 1e-9
+    assert isinstance(best["latency"]["prefill"]["within_budget"], bool)
+
+    # resumed, a measured run reads its measurements back instead of timing again
+    log = (out / "latency.jsonl").read_text().splitlines()
+    assert len(log) == len(trials) + 1  # every candidate and the dense model, once
+    code, _, err = _run(["run", "--resume", str(out)], capsys)
+    assert code == 0, err
+    assert (out / "latency.jsonl").read_text().splitlines() == log
+    again = pd.read_parquet(out / "trials.parquet")
+    assert again["latency"].tolist() == trials["latency"].tolist()
+    assert again["feasible"].tolist() == trials["feasible"].tolist()
 
 
 @pytest.mark.parametrize(
@@ -427,3 +438,22 @@ def test_profile_validate_and_measure_commands(tiny_dir: Path, tmp_path: Path, c
     res = json.loads(out)
     for w in res["workloads"].values():
         assert w["measured_ms"] > 0 and w["speedup"] > 0 and "predicted_ms" in w
+
+
+def test_a_run_profiles_the_device_once_when_it_has_no_table(
+    wide_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["run", "--model", str(wide_dir), "--budget", "latency=0.8", "--evals", "3", *LAT, *TINY]
+    code, _, err = _run([*args, "--out", "a"], capsys)
+    assert code == 0, err
+    tables = list((tmp_path / "results" / "latency").glob("*.json"))
+    assert len(tables) == 1
+    name = tables[0].name  # model, device, threads, workload and space are in the name
+    assert name.startswith("wide0-torch-cpu-t") and "-b1-s64-width-" in name
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert run["spec"]["latency_table"] == str(tables[0].resolve())
+    stamp = tables[0].stat().st_mtime_ns
+    code, _, err = _run([*args, "--out", "b"], capsys)  # the second run reuses the table
+    assert code == 0, err
+    assert tables[0].stat().st_mtime_ns == stamp

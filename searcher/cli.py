@@ -52,12 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--space-option", dest="space_options", action="append", type=_space_option, default=s,
         metavar="KEY=VALUE", help="space setting, e.g. mlp_steps=8 (repeatable)",
     )  # fmt: skip
-    r.add_argument("--budget", default=s, help="e.g. flops=0.5 or params=0.6,flops=0.5")
+    r.add_argument(
+        "--budget",
+        default=s,
+        help="e.g. flops=0.5, params=0.6,flops=0.5, latency=0.5, latency_ms=120",
+    )
     r.add_argument(
         "--algo", default=s, help="evo | random | uniform | tpe | gp | nsga2 (default evo)"
     )
     r.add_argument("--objectives", default=s,
-                   help="kl, or kl,flops for a Pareto front (tpe, gp, nsga2)")  # fmt: skip
+                   help="kl, or kl,flops / kl,latency: a Pareto front (tpe/gp/nsga2)")  # fmt: skip
     r.add_argument("--seed", type=int, default=s)
     r.add_argument("--preset", default=s, choices=sorted(PRESETS), help="default: default")
     r.add_argument("--evals", type=float, default=s,

@@ -18,4 +18,12 @@ def evaluate_config(path: str, **kwargs):
     return _evaluate(path, **kwargs)
 
 
-__all__ = ["RunSpec", "SearcherError", "evaluate_config", "run"]
+def load_pruned(path: str, **kwargs):
+    """Load a pruned model written by ``searcher export --format pruned`` or ``searcher apply``
+    (see ``searcher.export.pruned``)."""
+    from searcher.export import load_pruned as _load
+
+    return _load(path, **kwargs)
+
+
+__all__ = ["RunSpec", "SearcherError", "evaluate_config", "load_pruned", "run"]

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from searcher.errors import SearcherError
+from searcher.export import FORMATS
 from searcher.spec import PRESETS, RunSpec
 
 
@@ -191,6 +192,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-table-mismatch", action="store_true")
     m.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    x = sub.add_parser(
+        "export", parents=[common], help="write a run's chosen config in a downstream format"
+    )
+    x.add_argument("run_dir", metavar="RUN_DIR")
+    x.add_argument("--format", required=True, choices=FORMATS)
+    x.add_argument("--pick", default="best", help="best (default) or an index into pareto.json")
+    x.add_argument("--under", metavar="BUDGET",
+                   help="the lowest-KL front config meeting e.g. flops=0.5")  # fmt: skip
+    x.add_argument("--out", required=True, help="file (json, evopress) or directory")
+    x.add_argument("--model", help="model directory, if it moved since the run")
+    x.add_argument("--trust-remote-code", action="store_true")
+    a = sub.add_parser("apply", parents=[common], help="prune a model straight from a config file")
+    a.add_argument("config", help="a canonical config (export --format json), best.json, or "
+                   "pareto.json with --pick")  # fmt: skip
+    a.add_argument("--out", required=True, help="output directory (or file for json/evopress)")
+    a.add_argument("--format", default="pruned", choices=FORMATS)
+    a.add_argument("--pick", type=int, help="entry of pareto.json")
+    a.add_argument("--model", help="the model the config was made for, if not where it was")
+    a.add_argument("--trust-remote-code", action="store_true")
+
     e = sub.add_parser(
         "eval", parents=[common], help="score a saved config (best.json or pareto.json) on text"
     )
@@ -330,6 +351,28 @@ def _submit(args: argparse.Namespace) -> int:
     return 0 if result.status == "SUCCEEDED" else 1
 
 
+def _export(args: argparse.Namespace) -> None:
+    from searcher.export import apply_config, export_run
+
+    if args.command == "export":
+        res = export_run(
+            args.run_dir, args.format, args.out, args.pick, args.under, args.model,
+            args.trust_remote_code,
+        )  # fmt: skip
+    else:
+        res = apply_config(
+            args.config, args.out, args.format, args.model, args.pick, args.trust_remote_code
+        )
+    print(f"wrote {res['format']} to {res['out']}")
+    if "validation_kl" in res:
+        hf = "; also a Hugging Face checkpoint" if res["huggingface_checkpoint"] else ""
+        print(f"  {res['parameters']:,} parameters, validation KL {res['validation_kl']:.6f} "
+              f"(the search's: {res['search_validation_kl']:.6f}){hf}")  # fmt: skip
+    for kind in ("prefill", "decode"):
+        if f"{kind}_max_abs_logit_diff" in res:
+            print(f"  {kind}.onnx: max |logit - torch| = {res[f'{kind}_max_abs_logit_diff']:.2e}")
+
+
 def _settings(args: argparse.Namespace):
     from searcher.latency import LatencySettings
 
@@ -413,6 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _run(args)
         elif args.command == "submit":
             return _submit(args)
+        elif args.command in ("export", "apply"):
+            _export(args)
         elif args.command == "profile":
             _profile(args)
         elif args.command == "latency":

@@ -1,0 +1,207 @@
+"""Take a chosen config elsewhere: the canonical JSON, the physically pruned model, ONNX, and
+the text EvoPress's scripts read. ``searcher export`` and ``searcher apply`` call these."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from searcher.budget import Budget
+from searcher.errors import SearcherError
+
+CANONICAL = "searcher-config/1"
+FORMATS = ("json", "pruned", "onnx", "evopress")
+
+__all__ = ["FORMATS", "apply_config", "choose", "export_run", "load_pruned"]
+
+
+def load_pruned(path: str | Path, dtype: Any = None) -> Any:
+    """A pruned model written by ``searcher export --format pruned`` / ``searcher apply``:
+    a transformers causal LM whose layers have their own shapes (see ``export.pruned``)."""
+    import torch
+
+    from searcher.export.pruned import load_pruned as _load
+
+    return _load(path, dtype or torch.float32)
+
+
+def choose(run_dir: str | Path, pick: str = "best", under: str | None = None) -> dict[str, Any]:
+    """A config of a run: ``best``, entry INDEX of its Pareto front, or (``under``) the
+    lowest-KL front entry whose costs meet a budget such as ``flops=0.5``."""
+    from searcher.run import read_config
+
+    run = Path(run_dir)
+    if not (run / "best.json").is_file():
+        raise SearcherError(f"{run_dir} is not a finished searcher run (no best.json there)")
+    if under is not None:
+        budget = Budget.parse(under)
+        if budget.absolute:
+            raise SearcherError("--under takes fractions of dense (flops=0.5), not latency_ms")
+        front = read_config(str(run / "pareto.json"), 0)  # header + entry 0, checked
+        entries = json.loads((run / "pareto.json").read_text(encoding="utf-8"))["front"]
+        fits = [e for e in entries if _meets(budget, e)]
+        if not fits:
+            raise SearcherError(f"no config on the front of {run_dir} meets {under}")
+        best = min(fits, key=lambda e: e["calibration"]["kl"])
+        return {**front, **best}
+    if pick == "best":
+        return read_config(str(run / "best.json"), None)
+    try:
+        index = int(pick)
+    except ValueError:
+        raise SearcherError(f"--pick {pick!r}: give best or an index into pareto.json") from None
+    return read_config(str(run / "pareto.json"), index)
+
+
+def _meets(budget: Budget, entry: dict[str, Any]) -> bool:
+    fractions = entry.get("fractions", {})
+    return all(m in fractions for m in budget.limits) and budget.satisfied(fractions)
+
+
+def canonical(config: dict[str, Any]) -> dict[str, Any]:
+    """The config every other format is made from (and what eval and apply read)."""
+    keep = ("searcher", "model", "dtype", "space", "data", "budget", "genes", "config",
+            "costs", "fractions", "feasible", "calibration", "validation", "latency",
+            "algorithm", "seed")  # fmt: skip
+    return {"format": CANONICAL, **{k: config[k] for k in keep if k in config}}
+
+
+def evopress_text(config: dict[str, Any]) -> str:
+    """``module_name: level`` per gene (level 0 = most compressed, as in EvoPress's databases)
+    with what each level means on comment lines."""
+    lines = [
+        f"# searcher {config['space']['name']} config for {config['model']['source']}",
+        "# module: level (0 = most compressed); what the level keeps follows after '#'",
+    ]
+    for (name, detail), level in zip(config["config"].items(), config["genes"], strict=True):
+        meaning = {k: v for k, v in detail.items() if not k.startswith("kept_")}
+        lines.append(f"{name}: {level}  # {json.dumps(meaning, sort_keys=True)}")
+    return "\n".join(lines) + "\n"
+
+
+def export_config(
+    config: dict[str, Any],
+    source: str,
+    fmt: str,
+    out: str | Path,
+    model: str | None = None,
+    trust_remote_code: bool = False,
+    on_phase: Callable[[str], None] = lambda text: None,
+) -> dict[str, Any]:
+    """Write ``config`` (from ``source``) in format ``fmt`` to ``out``."""
+    if fmt not in FORMATS:
+        raise SearcherError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    out = Path(out)
+    cfg = canonical(config)
+    if fmt == "json":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        return {"format": fmt, "out": str(out)}
+    if fmt == "evopress":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(evopress_text(cfg), encoding="utf-8")
+        return {"format": fmt, "out": str(out)}
+    from searcher.run import session_of_config
+
+    on_phase("rebuilding the space the config was searched in")
+    session, genes = session_of_config(source, config, model, "cpu", None, None, trust_remote_code)
+    pruned = session.space.materialize(genes)
+    if fmt == "pruned":
+        from searcher.export.pruned import save_pruned
+
+        on_phase("writing the pruned model")
+        info = save_pruned(pruned, out, cfg)
+        session.loaded.tokenizer.save_pretrained(out)
+        on_phase("checking the saved model against the search")
+        check = faithful(session, genes, load_pruned(out))
+        return {"format": fmt, "out": str(out), **info, **check}
+    on_phase("building and checking the ONNX graphs")
+    return {"format": fmt, "out": str(out), **export_onnx(pruned, session, out)}
+
+
+def faithful(session: Any, genes: tuple[int, ...], model: Any) -> dict[str, Any]:
+    """The saved model's KL to dense on the run's validation windows against the KL the search
+    computes for the same genes: they must agree (1e-4 relative)."""
+    from searcher.fitness import Evaluator
+
+    space = session.space
+    val = session.windows.validation
+    dense = Evaluator(session.loaded.model, val, space.apply, space.dense(), 4)
+    searched = float(dense.score(genes, 0, dense.n_windows).kl.mean())
+    space.apply(space.dense())
+    saved = Evaluator(model, val, lambda c: None, (), 4, reference=dense.reference())
+    got = float(saved.score((), 0, saved.n_windows).kl.mean())
+    if not math.isclose(got, searched, rel_tol=1e-4, abs_tol=1e-6):
+        raise SearcherError(
+            f"the exported model's validation KL {got:.6f} differs from the search's "
+            f"{searched:.6f}: the export is not faithful (please report this)"
+        )
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {"validation_kl": got, "search_validation_kl": searched, "parameters": params}
+
+
+def export_onnx(pruned: Any, session: Any, out: Path, tol: float = 1e-3) -> dict[str, Any]:
+    """prefill.onnx (1 x S tokens in; next-token logits and the KV cache out) and decode.onnx
+    (one token with a cache of S), S = the run's window length minus one. Checked in ONNX
+    Runtime on a validation window: prefill on its first S tokens, then decode of the last
+    one with the cache prefill returned, against the torch model's logits."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from latency_models.graph import weights_of
+    from latency_models.onnx_graph import build
+    from latency_models.workload import Workload
+
+    out.mkdir(parents=True, exist_ok=True)
+    ids = session.windows.validation[:1].cpu()
+    s = ids.shape[1] - 1
+    weights = weights_of(pruned)
+    with torch.no_grad():
+        full = pruned(ids, use_cache=False).logits.float()
+    expect = {"prefill": full[:, s - 1].numpy(), "decode": full[:, s].numpy()}
+    result: dict[str, Any] = {"seq_len": s}
+    cache: list[Any] = []
+    for wl in (Workload("prefill", 1, s), Workload("decode", 1, s)):
+        graph = build(weights, wl)
+        path = out / f"{wl.kind}.onnx"
+        graph.save(str(path))
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        first = ids[:, :s] if wl.prefill else ids[:, s:]
+        feed = {graph.inputs[0]: first.numpy(), **dict(zip(graph.inputs[1:], cache))}
+        got = sess.run(None, feed)
+        cache = got[1:]
+        diff = float(np.abs(got[0] - expect[wl.kind]).max())
+        result[f"{wl.kind}_max_abs_logit_diff"] = diff
+        if diff > tol:
+            raise SearcherError(
+                f"ONNX Runtime's {wl.kind} logits differ from torch's by {diff:.2e} (> {tol}): "
+                "the ONNX export is not faithful (please report this)"
+            )
+    return result
+
+
+def export_run(
+    run_dir: str | Path, fmt: str, out: str | Path, pick: str = "best", under: str | None = None,
+    model: str | None = None, trust_remote_code: bool = False,
+    on_phase: Callable[[str], None] = lambda text: None,
+) -> dict[str, Any]:  # fmt: skip
+    """``searcher export RUN_DIR --format F``."""
+    config = choose(run_dir, pick, under)
+    return export_config(config, str(run_dir), fmt, out, model, trust_remote_code, on_phase)
+
+
+def apply_config(
+    path: str, out: str | Path, fmt: str = "pruned", model: str | None = None,
+    pick: int | None = None, trust_remote_code: bool = False,
+    on_phase: Callable[[str], None] = lambda text: None,
+) -> dict[str, Any]:  # fmt: skip
+    """``searcher apply CONFIG.json``: prune straight from a config file (canonical JSON,
+    best.json, or pareto.json with ``pick``)."""
+    from searcher.run import read_config
+
+    config = read_config(path, pick)
+    return export_config(config, path, fmt, out, model, trust_remote_code, on_phase)

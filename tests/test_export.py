@@ -1,0 +1,138 @@
+"""Export: the model a user gets is the model that was scored, in every format and space."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from searcher.cli import main
+from searcher.export import load_pruned
+from tests.helpers import counted_flops, save_tiny
+
+TINY = ["--seq-len", "32", "--importance-windows", "2", "--validation-windows", "2",
+        "--offspring", "4", "--stages", "1:2,2:1", "--threads", "1"]  # fmt: skip
+BUDGETS = {"width": "flops=0.6", "depth": "flops=0.6", "sparsity": "sparsity=0.5"}
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module", params=sorted(BUDGETS))
+def searched(request, tiny_dir: Path, tmp_path_factory) -> tuple[str, Path]:
+    space = request.param
+    out = tmp_path_factory.mktemp(f"run-{space}") / "r"
+    code = main(["run", "--model", str(tiny_dir), "--space", space, "--budget", BUDGETS[space],
+                 "--evals", "4", "--out", str(out), *TINY])  # fmt: skip
+    assert code == 0
+    return space, out
+
+
+def test_pruned_model_is_the_scored_model(searched, tmp_path: Path, capsys) -> None:
+    """Parameters, FLOPs and validation KL of the saved model equal the search's figures."""
+    space, run = searched
+    best = json.loads((run / "best.json").read_text())
+    code, out, err = _run(["export", str(run), "--format", "pruned", "--out",
+                           str(tmp_path / "m")], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "validation KL" in out
+    model = load_pruned(tmp_path / "m")
+    assert not any(p.is_meta for p in model.parameters())
+    params = {id(p): p for p in model.parameters()}.values()
+    if space == "sparsity":  # dense shapes with zeros: the search counts nonzero weights
+        prunable = [m.weight for n, m in model.named_modules() if n.endswith("_proj")]
+        zeros = sum(int((w == 0).sum()) for w in prunable)
+        assert sum(p.numel() for p in params) - zeros == best["costs"]["params"]
+    else:
+        assert sum(p.numel() for p in params) == best["costs"]["params"]
+        ids = torch.zeros(1, 32, dtype=torch.long)
+        assert counted_flops(model, ids) == best["costs"]["flops"]
+    # the KL the export checked is the run's own validation figure
+    text = out.split("validation KL ")[1]
+    assert float(text.split()[0]) == pytest.approx(best["validation"]["kl"], rel=1e-4)
+    # it generates with transformers' utilities
+    gen = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 7)
+
+
+def test_uniform_shapes_are_an_ordinary_hf_checkpoint(searched, tmp_path: Path, capsys) -> None:
+    from transformers import AutoModelForCausalLM
+
+    space, run = searched
+    code, _, err = _run(["export", str(run), "--format", "pruned", "--out", str(tmp_path / "m")],
+                        capsys)  # fmt: skip
+    assert code == 0, err
+    has_hf = (tmp_path / "m" / "config.json").is_file()
+    assert has_hf == (space == "sparsity")  # searched width/depth configs are not uniform
+    if has_hf:
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+        ids = torch.arange(20)[None]
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, load_pruned(tmp_path / "m")(ids).logits)
+
+
+def test_onnx_export_is_checked_in_onnx_runtime(searched, tmp_path: Path, capsys) -> None:
+    import onnx
+
+    _, run = searched
+    code, out, err = _run(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "o")],
+                          capsys)  # fmt: skip
+    assert code == 0, err
+    for kind in ("prefill", "decode"):
+        onnx.checker.check_model(str(tmp_path / "o" / f"{kind}.onnx"))
+        diff = float(out.split(f"{kind}.onnx: max |logit - torch| = ")[1].split()[0])
+        assert diff < 1e-3
+
+
+def test_json_and_evopress_formats_and_apply(searched, tiny_dir: Path, tmp_path: Path, capsys):
+    space, run = searched
+    code, _, err = _run(["export", str(run), "--format", "json", "--out",
+                         str(tmp_path / "c.json")], capsys)  # fmt: skip
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "c.json").read_text())
+    best = json.loads((run / "best.json").read_text())
+    assert cfg["format"] == "searcher-config/1" and cfg["genes"] == best["genes"]
+    assert cfg["model"]["fingerprint"] == best["model"]["fingerprint"]
+    code, _, err = _run(["export", str(run), "--format", "evopress", "--out",
+                         str(tmp_path / "levels.txt")], capsys)  # fmt: skip
+    assert code == 0, err
+    lines = [ln for ln in (tmp_path / "levels.txt").read_text().splitlines()
+             if not ln.startswith("#")]  # fmt: skip
+    assert [ln.split(":")[0] for ln in lines] == list(best["config"])
+    assert [int(ln.split(":")[1].split("#")[0]) for ln in lines] == best["genes"]
+    # the canonical config is what eval and apply read
+    code, out, err = _run(["eval", str(tmp_path / "c.json"), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["kl"] == pytest.approx(best["validation"]["kl"], rel=1e-4)
+    code, _, err = _run(["apply", str(tmp_path / "c.json"), "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    assert load_pruned(tmp_path / "a") is not None
+
+
+def test_pick_and_under(searched, tmp_path: Path, capsys) -> None:
+    _, run = searched
+    front = json.loads((run / "pareto.json").read_text())["front"]
+    code, _, err = _run(["export", str(run), "--format", "json", "--pick", "0", "--out",
+                         str(tmp_path / "p.json")], capsys)  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "p.json").read_text())["genes"] == front[0]["genes"]
+    code, _, err = _run(["export", str(run), "--format", "json", "--pick", str(len(front)),
+                         "--out", str(tmp_path / "x.json")], capsys)  # fmt: skip
+    assert code == 2 and "entries" in err
+    code, _, err = _run(["export", str(run), "--format", "json", "--under", "params=0.01",
+                         "--out", str(tmp_path / "y.json")], capsys)  # fmt: skip
+    assert code == 2 and "meets" in err
+
+
+def test_a_config_for_another_model_is_refused(searched, tmp_path: Path, capsys) -> None:
+    _, run = searched
+    other = save_tiny(tmp_path / "other", seed=5)
+    code, _, err = _run(["apply", str(run / "best.json"), "--model", str(other), "--out",
+                         str(tmp_path / "a")], capsys)  # fmt: skip
+    assert code == 2 and "was made for model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists()

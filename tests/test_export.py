@@ -136,3 +136,35 @@ def test_a_config_for_another_model_is_refused(searched, tmp_path: Path, capsys)
                          str(tmp_path / "a")], capsys)  # fmt: skip
     assert code == 2 and "was made for model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "a").exists()
+
+
+def test_llmcompressor_recipe_loads_in_llm_compressor(searched, tmp_path: Path, capsys) -> None:
+    """Parsed by LLM Compressor's own recipe loader; its targets, matched by compressed-tensors
+    against the model, give every layer exactly its searched sparsity."""
+    space, run = searched
+    out = tmp_path / "recipe.yaml"
+    code, _, err = _run(["export", str(run), "--format", "llmcompressor", "--out", str(out)],
+                        capsys)  # fmt: skip
+    if space != "sparsity":
+        assert code == 2 and "sparsity space" in err
+        return
+    assert code == 0, err
+    from compressed_tensors.utils import match_named_modules
+    from llmcompressor.recipe import Recipe
+
+    recipe = Recipe.create_instance(str(out))
+    best = json.loads((run / "best.json").read_text())
+    model = load_pruned(_export_pruned(run, tmp_path))
+    got: dict[str, float] = {}
+    for modifier in recipe.modifiers:
+        assert type(modifier).__name__ == "WandaPruningModifier"
+        for name, _ in match_named_modules(model, modifier.targets):
+            assert name not in got
+            got[name] = modifier.sparsity
+    want = {n: d["sparsity"] for n, d in best["config"].items() if d["sparsity"] > 0}
+    assert got == pytest.approx(want)
+
+
+def _export_pruned(run: Path, tmp_path: Path) -> Path:
+    assert main(["export", str(run), "--format", "pruned", "--out", str(tmp_path / "m")]) == 0
+    return tmp_path / "m"

@@ -1,5 +1,6 @@
-"""Take a chosen config elsewhere: the canonical JSON, the physically pruned model, ONNX, and
-the text EvoPress's scripts read. ``searcher export`` and ``searcher apply`` call these."""
+"""Take a chosen config elsewhere: the canonical JSON, the physically pruned model, ONNX, the
+text EvoPress's scripts read, and LLM Compressor recipes. ``searcher export`` and
+``searcher apply`` call these."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from searcher.budget import Budget
 from searcher.errors import SearcherError
 
 CANONICAL = "searcher-config/1"
-FORMATS = ("json", "pruned", "onnx", "evopress")
+FORMATS = ("json", "pruned", "onnx", "evopress", "llmcompressor")
 
 __all__ = ["FORMATS", "apply_config", "choose", "export_run", "load_pruned"]
 
@@ -82,6 +83,41 @@ def evopress_text(config: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def llmcompressor_recipe(config: dict[str, Any]) -> str:
+    """An LLM Compressor recipe giving each linear layer its searched sparsity: one
+    ``WandaPruningModifier`` (the mask criterion the search scored) per sparsity level,
+    targeting that level's layers by exact-name regex. Layers kept dense get no modifier."""
+    import re
+
+    import yaml
+
+    if config["space"]["name"] != "sparsity":
+        raise SearcherError(
+            "llmcompressor recipes carry unstructured sparsity: export a config of the "
+            f"sparsity space (this one is {config['space']['name']}; try --format pruned)"
+        )
+    levels: dict[float, list[str]] = {}
+    for name, detail in config["config"].items():
+        if detail["sparsity"] > 0:
+            levels.setdefault(float(detail["sparsity"]), []).append(name)
+    stage = {
+        f"sparsity_{round(level * 100)}_modifiers": {
+            "WandaPruningModifier": {
+                "sparsity": level,
+                "mask_structure": "0:0",
+                "targets": [f"re:^{re.escape(n)}$" for n in names],
+            }
+        }
+        for level, names in sorted(levels.items())
+    }
+    head = (
+        f"# searcher sparsity config for {config['model']['source']}: each layer's searched\n"
+        "# sparsity, one Wanda modifier per level (SparseGPTModifier takes the same fields).\n"
+        "# Use: llmcompressor.oneshot(model=..., dataset=..., recipe='this file')\n"
+    )
+    return head + yaml.safe_dump({"sparsity_stage": stage}, sort_keys=False)
+
+
 def export_config(
     config: dict[str, Any],
     source: str,
@@ -100,9 +136,10 @@ def export_config(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         return {"format": fmt, "out": str(out)}
-    if fmt == "evopress":
+    if fmt in ("evopress", "llmcompressor"):
+        text = evopress_text(cfg) if fmt == "evopress" else llmcompressor_recipe(cfg)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(evopress_text(cfg), encoding="utf-8")
+        out.write_text(text, encoding="utf-8")
         return {"format": fmt, "out": str(out)}
     from searcher.run import session_of_config
 

@@ -58,7 +58,7 @@ class Problem:
         return {m: t.cost(genes) for m, t in self.costs.items()}
 
     def fractions(self, genes: Sequence[int]) -> dict[str, float]:
-        return {m: t.cost(genes) / t.dense() for m, t in self.costs.items()}
+        return self.fractions_of(self.cost(genes))
 
     def fractions_of(self, costs: Mapping[str, float]) -> dict[str, float]:
         """Costs as fractions of the dense model's (for costs measured rather than tabled)."""

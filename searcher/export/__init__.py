@@ -41,9 +41,8 @@ def choose(run_dir: str | Path, pick: str = "best", under: str | None = None) ->
         budget = Budget.parse(under)
         if budget.absolute:
             raise SearcherError("--under takes fractions of dense (flops=0.5), not latency_ms")
-        front = read_config(str(run / "pareto.json"), 0)  # header + entry 0, checked
-        entries = json.loads((run / "pareto.json").read_text(encoding="utf-8"))["front"]
-        fits = [e for e in entries if _meets(budget, e)]
+        front = read_config(str(run / "pareto.json"), 0)  # the checked header (and its front)
+        fits = [e for e in front["front"] if _meets(budget, e)]
         if not fits:
             raise SearcherError(f"no config on the front of {run_dir} meets {under}")
         best = min(fits, key=lambda e: e["calibration"]["kl"])

@@ -200,13 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--pick", default="best", help="best (default) or an index into pareto.json")
     x.add_argument("--under", metavar="BUDGET",
                    help="the lowest-KL front config meeting e.g. flops=0.5")  # fmt: skip
-    x.add_argument("--out", required=True, help="file (json, evopress) or directory")
+    x.add_argument("--out", required=True, help="directory (pruned, onnx) or file (the rest)")
     x.add_argument("--model", help="model directory, if it moved since the run")
     x.add_argument("--trust-remote-code", action="store_true")
     a = sub.add_parser("apply", parents=[common], help="prune a model straight from a config file")
     a.add_argument("config", help="a canonical config (export --format json), best.json, or "
                    "pareto.json with --pick")  # fmt: skip
-    a.add_argument("--out", required=True, help="output directory (or file for json/evopress)")
+    a.add_argument("--out", required=True, help="directory (pruned, onnx) or file (the rest)")
     a.add_argument("--format", default="pruned", choices=FORMATS)
     a.add_argument("--pick", type=int, help="entry of pareto.json")
     a.add_argument("--model", help="the model the config was made for, if not where it was")
@@ -365,7 +365,7 @@ def _export(args: argparse.Namespace) -> None:
         )
     print(f"wrote {res['format']} to {res['out']}")
     if "validation_kl" in res:
-        hf = "; also a Hugging Face checkpoint" if res["huggingface_checkpoint"] else ""
+        hf = "; also a Hugging Face checkpoint" if res.get("huggingface_checkpoint") else ""
         print(f"  {res['parameters']:,} parameters, validation KL {res['validation_kl']:.6f} "
               f"(the search's: {res['search_validation_kl']:.6f}){hf}")  # fmt: skip
     for kind in ("prefill", "decode"):

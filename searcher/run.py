@@ -426,6 +426,13 @@ def run(
     return RunResult(out, best_payload, len(trials), engine.spent_windows / full, seconds)
 
 
+def model_source(config: dict[str, Any], model: str | None = None) -> str | None:
+    """What to load for a saved config: ``model`` if given, else the config's own source
+    (None = the embedded model)."""
+    source = model or config["model"]["source"]
+    return None if source.startswith(f"{models.EMBEDDED}:") else source
+
+
 def session_of_config(
     path: str, config: dict[str, Any], model: str | None = None, device: str = "cpu",
     dtype: str | None = None, batch_size: int | None = None, trust_remote_code: bool = False,
@@ -433,9 +440,7 @@ def session_of_config(
     """Rebuild the session a saved config was searched in, checked, and the config's genes."""
     try:
         d, space_cfg, identity = config["data"], config["space"], config["model"]
-        source = model or identity["source"]
-        if source.startswith(f"{models.EMBEDDED}:"):
-            source = None
+        source = model_source(config, model)
         batch = batch_size or d.get("batch_size", 4)
         session = open_session(
             source, d["source"], space_cfg["name"], space_cfg["options"], d["seq_len"],

@@ -168,3 +168,56 @@ def test_llmcompressor_recipe_loads_in_llm_compressor(searched, tmp_path: Path, 
 def _export_pruned(run: Path, tmp_path: Path) -> Path:
     assert main(["export", str(run), "--format", "pruned", "--out", str(tmp_path / "m")]) == 0
     return tmp_path / "m"
+
+
+def _readme_script(marker: str) -> str:
+    """The README's ```python block containing ``marker`` (so the documented call is tested)."""
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = [b.split("```")[0] for b in text.split("```python")[1:]]
+    (block,) = [b for b in blocks if marker in b]
+    lines = block.splitlines()
+    indent = min(len(ln) - len(ln.lstrip()) for ln in lines if ln.strip())
+    return "\n".join(ln[indent:] for ln in lines)
+
+
+def test_torch_pruning_runs_the_readme_script(searched, tiny_dir: Path, tmp_path: Path, capsys):
+    """Torch-Pruning itself, driven by the README's script with the exported ratios, gives the
+    search's parameter count, FLOPs and per-layer widths."""
+    space, run = searched
+    out = tmp_path / "tp.json"
+    code, text, err = _run(["export", str(run), "--format", "torch-pruning", "--out", str(out)],
+                           capsys)  # fmt: skip
+    if space != "width":
+        assert code == 2 and "width configs" in err and len(err.strip().splitlines()) == 1
+        return
+    assert code == 0, err
+    best = json.loads((run / "best.json").read_text())
+    # the export's own check: the channels, removed by Torch-Pruning, give the scored model
+    kl = float(text.split("validation KL ")[1].split()[0])
+    assert kl == pytest.approx(best["validation"]["kl"], rel=1e-4)
+    script = _readme_script("tp.pruner.MetaPruner")
+    script = script.replace('"tp.json"', repr(str(out)))
+    script = script.replace('"path/to/the/searched/model"', repr(str(tiny_dir)))
+    scope: dict = {}
+    exec(compile(script, "README.md", "exec"), scope)  # our own README, not user input
+    model = scope["model"]
+    params = {id(p): p for p in model.parameters()}.values()
+    assert sum(p.numel() for p in params) == best["costs"]["params"]
+    assert counted_flops(model, torch.zeros(1, 32, dtype=torch.long)) == best["costs"]["flops"]
+    for i, layer in enumerate(model.model.layers):
+        attn = best["config"][f"model.layers.{i}.self_attn"]
+        mlp = best["config"][f"model.layers.{i}.mlp"]
+        assert layer.mlp.gate_proj.out_features == mlp["intermediate_size"]
+        assert layer.self_attn.k_proj.out_features == attn["num_key_value_heads"] * 16
+        assert layer.self_attn.q_proj.out_features == attn["num_heads"] * 16
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_torch_pruning_ratios_keep_exactly_the_searched_width() -> None:
+    """Torch-Pruning keeps int(total * (1 - ratio)) channels: float rounding must not drop one."""
+    from searcher.export.torch_pruning_spec import ratio_for
+
+    for total in (7, 96, 128, 1536, 8960, 11008, 14336):
+        for kept in range(1, total + 1, max(1, total // 97)):
+            assert int(total * (1 - ratio_for(total, kept))) == kept

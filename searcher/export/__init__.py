@@ -1,11 +1,13 @@
-"""Take a chosen config elsewhere: the canonical JSON, the physically pruned model, ONNX, the
-text EvoPress's scripts read, and LLM Compressor recipes. ``searcher export`` and
+"""Take a chosen config elsewhere: the canonical JSON, the physically pruned model, ONNX,
+Torch-Pruning's ratios and channels, the text EvoPress's scripts read, and LLM Compressor
+recipes. ``searcher export`` and
 ``searcher apply`` call these."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from searcher.budget import Budget
 from searcher.errors import SearcherError
 
 CANONICAL = "searcher-config/1"
-FORMATS = ("json", "pruned", "onnx", "evopress", "llmcompressor")
+FORMATS = ("json", "pruned", "onnx", "torch-pruning", "evopress", "llmcompressor")
 
 __all__ = ["FORMATS", "apply_config", "choose", "export_run", "load_pruned"]
 
@@ -86,8 +88,6 @@ def llmcompressor_recipe(config: dict[str, Any]) -> str:
     """An LLM Compressor recipe giving each linear layer its searched sparsity: one
     ``WandaPruningModifier`` (the mask criterion the search scored) per sparsity level,
     targeting that level's layers by exact-name regex. Layers kept dense get no modifier."""
-    import re
-
     import yaml
 
     if config["space"]["name"] != "sparsity":
@@ -142,6 +142,11 @@ def export_config(
         return {"format": fmt, "out": str(out)}
     from searcher.run import session_of_config
 
+    if fmt == "torch-pruning":
+        from searcher.export.torch_pruning_spec import refuse_unless_width
+
+        refuse_unless_width(cfg)
+
     on_phase("rebuilding the space the config was searched in")
     session, genes = session_of_config(source, config, model, "cpu", None, None, trust_remote_code)
     pruned = session.space.materialize(genes)
@@ -154,6 +159,10 @@ def export_config(
         on_phase("checking the saved model against the search")
         check = faithful(session, genes, load_pruned(out))
         return {"format": fmt, "out": str(out), **info, **check}
+    if fmt == "torch-pruning":
+        on_phase("removing the channels with Torch-Pruning and checking the result")
+        check = export_torch_pruning(cfg, session, genes, out, model, trust_remote_code)
+        return {"format": fmt, "out": str(out), **check}
     on_phase("building and checking the ONNX graphs")
     return {"format": fmt, "out": str(out), **export_onnx(pruned, session, out)}
 
@@ -177,6 +186,36 @@ def faithful(session: Any, genes: tuple[int, ...], model: Any) -> dict[str, Any]
         )
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return {"validation_kl": got, "search_validation_kl": searched, "parameters": params}
+
+
+def export_torch_pruning(
+    config: dict[str, Any], session: Any, genes: tuple[int, ...], out: Path,
+    model: str | None = None, trust_remote_code: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """The Torch-Pruning spec (``export.torch_pruning_spec``), checked: its channels, removed
+    from a fresh copy of the model by Torch-Pruning, give the search's parameter count and
+    validation KL."""
+    from searcher import models
+    from searcher.export.torch_pruning_spec import prune_channels, spec
+    from searcher.run import model_source
+
+    s = session.space.structure
+    doc = spec(config, s.head_dim, s.group_size, s.intermediate, s.kv_heads)
+    source = model_source(config, model)
+    dense = models.load(source, "cpu", config.get("dtype", "float32"), trust_remote_code).model
+    check = faithful(session, genes, prune_channels(dense, doc["channels"]))
+    searched = config.get("costs", {}).get("params")
+    if searched is not None and check["parameters"] != int(searched):
+        raise SearcherError(
+            f"Torch-Pruning's model has {check['parameters']:,} parameters, the search counted "
+            f"{int(searched):,}: the export is not faithful (please report this)"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(doc, indent=1)
+    # channel lists on one line each
+    text = re.sub(r"\[\s+([-\d.,\s]+?)\s+\]", lambda m: f"[{' '.join(m[1].split())}]", text)
+    out.write_text(text + "\n", encoding="utf-8")
+    return check
 
 
 def export_onnx(pruned: Any, session: Any, out: Path, tol: float = 1e-3) -> dict[str, Any]:

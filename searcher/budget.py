@@ -15,6 +15,7 @@ KEYS: dict[str, tuple[str, bool]] = {
     "params": ("params", True),
     "sparsity": ("nonzero", False),
     "latency": ("latency", True),
+    "blocks": ("blocks", True),  # depth: the share of attention and MLP blocks kept
 }
 # Budget key -> cost metric it limits in absolute units (resolved against the dense model).
 ABSOLUTE: dict[str, tuple[str, str]] = {"latency_ms": ("latency", "ms")}

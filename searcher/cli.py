@@ -58,8 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=s,
         help="e.g. flops=0.5, params=0.6,flops=0.5, latency=0.5, latency_ms=120",
     )
+    r.add_argument("--algo", default=s,
+                   help="evo (default) | random | tpe | gp | nsga2 | pymoo-ga | pymoo-nsga2; "
+                   "baselines: uniform | owl (sparsity) | flap (width) | additive")  # fmt: skip
     r.add_argument(
-        "--algo", default=s, help="evo | random | uniform | tpe | gp | nsga2 (default evo)"
+        "--init",
+        default=s,
+        help="evo's starting allocation: uniform (default) | owl | flap | additive",
     )
     r.add_argument("--objectives", default=s,
                    help="kl, or kl,flops / kl,latency: a Pareto front (tpe/gp/nsga2)")  # fmt: skip

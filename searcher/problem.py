@@ -6,7 +6,8 @@ Algorithms import this and nothing that knows about torch, models or workers.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,7 @@ class Problem:
     budget: Budget
     keep: tuple[tuple[float, ...], ...]  # fraction of each gene's unit kept at each level
     space_name: str = ""
+    priors: Mapping[str, Any] = field(default_factory=dict)  # SearchSpace.priors()
 
     def __post_init__(self) -> None:
         for metric in sorted(self.budget.metrics):

@@ -22,7 +22,7 @@ import spaces
 from latency_models.backends import cpu_name
 from latency_models.table import CostTable
 from searcher import data, latency, models
-from searcher.algorithms import ALGORITHMS, parse_stages
+from searcher.algorithms import ALGORITHMS, SEEDS, parse_stages
 from searcher.budget import Budget
 from searcher.engine import Engine, Progress, Trial
 from searcher.errors import SearcherError
@@ -127,6 +127,7 @@ def problem_for(
         budget=budget,
         keep=tuple(g.keep for g in space.genes),
         space_name=space.name,
+        priors=space.priors(),
     )
 
 
@@ -239,6 +240,8 @@ def run(
     budget = Budget.parse(spec.budget)
     if spec.algo not in ALGORITHMS:
         raise SearcherError(f"unknown --algo {spec.algo!r}: choose one of {', '.join(ALGORITHMS)}")
+    if spec.init not in SEEDS:
+        raise SearcherError(f"unknown --init {spec.init!r}: choose one of {', '.join(SEEDS)}")
     if spec.objectives != "kl" and not ALGORITHMS[spec.algo].multi_objective:
         multi = ", ".join(n for n, a in ALGORITHMS.items() if a.multi_objective)
         raise SearcherError(f"--objectives {spec.objectives} needs one of --algo {multi}")

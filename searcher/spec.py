@@ -45,6 +45,7 @@ class RunSpec:
     space_options: dict[str, Any] = field(default_factory=dict)
     budget: str = "flops=0.5"
     algo: str = "evo"
+    init: str = "uniform"  # evo's first parent: uniform, owl, flap or additive
     objectives: str = "kl"  # "kl", or "kl,flops" etc. for a multi-objective search
     seed: int = 0
     preset: str = "default"
@@ -130,7 +131,7 @@ class RunSpec:
 # Expected types after presets are applied (ints also accepted where floats are).
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "model": str, "data": str, "space": str, "space_options": dict, "budget": str,
-    "algo": str, "objectives": str, "seed": int, "preset": str, "evals": (int, float),
+    "algo": str, "init": str, "objectives": str, "seed": int, "preset": str, "evals": (int, float),
     "offspring": int, "stages": str, "random_batch": int, "seq_len": int, "importance_windows": int,
     "validation_windows": int, "batch_size": int, "device": str, "dtype": str,
     "threads": int, "workers": int, "address": str, "storage": str, "out": str,

@@ -60,6 +60,12 @@ class SearchSpace(ABC):
         """Settings needed to rebuild this space (besides model and calibration data)."""
         return {}
 
+    def priors(self) -> dict[str, Any]:
+        """What the space knows about its units from the model (activation-aware scores,
+        outlier ratios), in plain numbers, for allocation baselines such as ``flap`` and
+        ``owl``. Keys a space does not provide are absent."""
+        return {}
+
     def fingerprint(self) -> str:
         """A hash of the choices fixed at build time (which neurons, heads or weights each
         level removes), so a rebuilt space can be checked against the one a config used."""

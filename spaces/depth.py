@@ -64,7 +64,9 @@ class DepthSpace(SearchSpace):
         attn = [(0, s.kv_heads)] * len(s.layers)
         mlp = [(0, s.intermediate)] * len(s.layers)
         order = [(g.kind, i // 2) for i, g in enumerate(self.genes)]
-        return block_tables(s, self.seq_len, attn, mlp, order)
+        tables = block_tables(s, self.seq_len, attn, mlp, order)
+        tables["blocks"] = CostTable.build("blocks", 0.0, [[0.0, 1.0]] * len(self.genes))
+        return tables
 
     def blocks(self) -> tuple[list[Block], list[list[Block | None]]]:
         s = self.structure

@@ -34,6 +34,13 @@ from spaces.structure import ATTN_PROJ, MLP_PROJ, Structure
 PROJ = ATTN_PROJ + MLP_PROJ
 
 
+OWL_M = 5.0  # OWL's outlier threshold: a score above M times the layer's mean (paper default)
+
+
+def outlier_ratio(scores: torch.Tensor, m: float = OWL_M) -> float:
+    return float((scores > m * scores.mean()).double().mean())
+
+
 class SparsitySpace(SearchSpace):
     name = "sparsity"
     latency_note = (
@@ -70,9 +77,15 @@ class SparsitySpace(SearchSpace):
         stats = input_statistics(structure.model, modules, windows, batch_size)
         self._dense: list[torch.Tensor] = []
         self._rank: list[torch.Tensor] = []
+        self._outliers: list[float] = []  # OWL's outlier ratio of each gene's decoder layer
+        layer_scores: list[torch.Tensor] = []
         for layer, p in self.linears:
             w = layer.linear(p).weight.detach()
             score = w.abs().double() * stats[layer.linear_name(p)]["l2"][None, :].to(w.device)
+            layer_scores.append(score.flatten())
+            if len(layer_scores) == len(PROJ):
+                self._outliers += [outlier_ratio(torch.cat(layer_scores))] * len(PROJ)
+                layer_scores = []
             order = torch.argsort(score, dim=1, stable=True)
             rank_dtype = torch.int16 if w.shape[1] < 2**15 else torch.int32
             rank = torch.empty_like(order, dtype=rank_dtype)
@@ -128,6 +141,12 @@ class SparsitySpace(SearchSpace):
 
     def describe(self, candidate: Sequence[int]) -> dict[str, dict[str, Any]]:
         return {g.name: {"sparsity": g.values[lv]} for g, lv in zip(self.genes, candidate)}
+
+    def priors(self) -> dict[str, Any]:
+        """``outlier_ratio``: per gene, the share of its decoder layer's weights whose Wanda
+        score exceeds ``OWL_M`` times the layer's mean score (OWL's layerwise outlier
+        distribution, computed over all seven projections of the layer together)."""
+        return {"outlier_ratio": list(self._outliers)}
 
     def fingerprint(self) -> str:
         return digest(*self._rank)

@@ -81,6 +81,7 @@ class WidthSpace(SearchSpace):
         stats = input_statistics(s.model, modules, windows, batch_size)
         self.neuron_order: list[list[int]] = []
         self.group_order: list[list[int]] = []
+        self._scores: list[tuple[list[float], list[float]]] = []  # (groups, neurons), sorted
         self._full: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = []
         span = s.group_size * s.head_dim
         for layer in s.layers:
@@ -111,6 +112,7 @@ class WidthSpace(SearchSpace):
             self._full.append(full)
             self.neuron_order.append(n_order.tolist())
             self.group_order.append(g_order.tolist())
+            self._scores.append((group[g_order.cpu()].tolist(), neuron[n_order.cpu()].tolist()))
 
     def apply(self, candidate: Sequence[int]) -> None:
         s = self.structure
@@ -169,6 +171,19 @@ class WidthSpace(SearchSpace):
                     "kept_neurons": sorted(self.neuron_order[i][:k]),
                 }
         return out
+
+    def priors(self) -> dict[str, Any]:
+        """``unit_scores``: per gene, the activation-aware score of each unit (KV group or
+        neuron), best first, the order in which levels keep them; ``units``: per gene and
+        level, how many units the level keeps; ``unit_kinds``: attn or mlp per gene."""
+        scores, units = [], []
+        for gi, gene in enumerate(self.genes):
+            groups, neurons = self._scores[gi // 2]
+            attn = gene.kind == "attn"
+            scores.append(groups if attn else neurons)
+            units.append(list(self.group_counts) if attn else list(self.mlp_sizes))
+        kinds = [g.kind for g in self.genes]
+        return {"unit_scores": scores, "units": units, "unit_kinds": kinds}
 
     def fingerprint(self) -> str:
         return digest(self.neuron_order, self.group_order)

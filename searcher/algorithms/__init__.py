@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from searcher.algorithms.allocations import FLAP, OWL, SEEDS, Additive
 from searcher.algorithms.base import Algorithm, Request, Result
 from searcher.algorithms.baselines import RandomSearch, Uniform
 from searcher.algorithms.evolution import Evolution, parse_stages
+from searcher.algorithms.pymoo_search import PymooGA, PymooNSGA2
 from searcher.algorithms.samplers import GPSearch, NSGA2Search, TPESearch
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
@@ -14,6 +16,11 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "tpe": TPESearch,
     "gp": GPSearch,
     "nsga2": NSGA2Search,
+    "pymoo-ga": PymooGA,
+    "pymoo-nsga2": PymooNSGA2,
+    "owl": OWL,
+    "flap": FLAP,
+    "additive": Additive,
 }
 
-__all__ = ["ALGORITHMS", "Algorithm", "Request", "Result", "parse_stages"]
+__all__ = ["ALGORITHMS", "SEEDS", "Algorithm", "Request", "Result", "parse_stages"]

@@ -10,10 +10,14 @@ winner of the last stage becomes the next parent. Most candidates are therefore 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from searcher.algorithms.base import Algorithm, Request, Result
 from searcher.errors import SearcherError
 from searcher.problem import Candidate, Problem
+
+if TYPE_CHECKING:
+    from searcher.algorithms.allocations import OneShot
 
 DEFAULT_STAGES = ((1, 4), (4, 1))
 
@@ -54,13 +58,17 @@ class Evolution(Algorithm):
         stages: Sequence[tuple[int, int]] = DEFAULT_STAGES,
         initial: Candidate | None = None,
         max_switches: int = 3,
+        init: OneShot | None = None,
     ) -> None:
+        """``init``: a one-shot allocation (owl, flap, additive) run first; its candidate is
+        the first parent. Otherwise ``initial``, or the uniform allocation."""
         super().__init__(problem, seed, full_windows)
         if stages[-1][0] != full_windows:
             raise ValueError("the last stage must score on full_windows")
         self.offspring = offspring
         self.stages = tuple(stages)
         self.max_switches = max_switches
+        self.init = init
         start = initial if initial is not None else problem.uniform()
         self.parent: Candidate = problem.fill(start, self.rng)
         self.generation = 0
@@ -69,8 +77,16 @@ class Evolution(Algorithm):
 
     @classmethod
     def configure(cls, problem, seed, full_windows, settings):
+        from searcher.algorithms.allocations import SEEDS
+
         stages = parse_stages(settings["stages"])
-        return cls(problem, seed, full_windows, settings["offspring"], stages)
+        name = settings.get("init") or "uniform"
+        if name not in SEEDS:
+            raise SearcherError(f"unknown --init {name!r}: choose one of {', '.join(SEEDS)}")
+        init = None
+        if SEEDS[name] is not None:
+            init = SEEDS[name].configure(problem, seed, full_windows, settings)
+        return cls(problem, seed, full_windows, settings["offspring"], stages, init=init)
 
     def _children(self) -> list[Candidate]:
         kids: list[Candidate] = []
@@ -89,6 +105,11 @@ class Evolution(Algorithm):
         return kids
 
     def ask(self) -> list[Request]:
+        if self.init is not None:
+            requests = self.init.ask()
+            if requests:
+                return requests
+            self._start_from_init()
         if self._stage == 0 and len(self._pool) == 1:
             children = self._children()
             if not children:  # every mutation gives back the parent: nothing left to try
@@ -98,7 +119,18 @@ class Evolution(Algorithm):
         windows = self.stages[self._stage][0]
         return [Request(c, windows) for c in self._pool]
 
+    def _start_from_init(self) -> None:
+        assert self.init is not None and self.init.chosen is not None
+        self.parent = self.init.chosen
+        self._pool = [self.parent]
+        self.init = None
+
     def tell(self, results: list[Result]) -> None:
+        if self.init is not None:
+            self.init.tell(results)
+            if self.init.done:
+                self._start_from_init()
+            return
         keep = self.stages[self._stage][1]
         # Stable sort: ties keep the parent (listed first), so the search never drifts on ties.
         ranked = sorted(results, key=lambda r: r.kl)
@@ -111,4 +143,6 @@ class Evolution(Algorithm):
             self.generation += 1
 
     def status(self) -> str:
+        if self.init is not None:
+            return f"{self.init.name} seed: {self.init.status() or 'scoring'}"
         return f"generation {self.generation + 1}"

@@ -125,3 +125,11 @@ def test_describe(built) -> None:
     for c in candidates(space, seed=5):
         desc = space.describe(c)
         assert [desc[g.name]["kept"] for g in space.genes] == [bool(x) for x in c]
+
+
+def test_blocks_metric_counts_kept_blocks(built) -> None:
+    table = built.space.cost_tables()["blocks"]
+    n = len(built.space.genes)
+    assert table.dense() == n and table.minimum() == 0
+    half = tuple(i % 2 for i in range(n))
+    assert table.cost(half) == n // 2

@@ -182,3 +182,19 @@ def test_grid_never_exceeds_max_sparsity_and_bad_options_are_user_errors() -> No
     for bad in ({"step": 0}, {"step": 0.3, "max_sparsity": 0.2}, {"max_sparsity": 1.0}):
         with pytest.raises(SearcherError):
             spaces.build("sparsity", structure, 16, ids, options=bad)
+
+
+def test_owl_outlier_ratios_pool_each_decoder_layer(built) -> None:
+    """OWL's layerwise outlier distribution: the share of a layer's Wanda scores (all seven
+    projections together) above 5 times their mean, recomputed here from the raw weights."""
+    ratios = built.space.priors()["outlier_ratio"]
+    assert len(ratios) == len(built.space.genes)
+    for layer in built.structure.layers:
+        names = [layer.linear_name(p) for p in PROJ]
+        scores = torch.cat([
+            (built.dense[n].abs().double() * built.norms[n][None, :].double()).flatten()
+            for n in names
+        ])  # fmt: skip
+        want = float((scores > 5 * scores.mean()).double().mean())
+        got = [ratios[i] for i, g in enumerate(built.space.genes) if g.name in names]
+        assert got == pytest.approx([want] * len(PROJ), rel=1e-6)

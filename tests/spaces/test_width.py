@@ -209,3 +209,23 @@ def test_levels_keep_nested_sets_of_the_most_important_neurons(built) -> None:
             dropped = set(range(s.intermediate)) - kept
             if dropped:
                 assert min(score[list(kept)]) >= max(score[list(dropped)]) - 1e-9
+
+
+def test_priors_list_unit_scores_in_the_order_levels_keep_them(built) -> None:
+    space = built.space
+    priors = space.priors()
+    for gi, gene in enumerate(space.genes):
+        scores, units = priors["unit_scores"][gi], priors["units"][gi]
+        assert scores == sorted(scores, reverse=True)
+        assert priors["unit_kinds"][gi] == gene.kind
+        layer = gi // 2
+        if gene.kind == "mlp":
+            assert len(scores) == built.structure.intermediate
+            assert units == list(space.mlp_sizes)
+            # the neuron score: mean |input of down_proj| times its weight column's norm
+            down = built.original[f"model.layers.{layer}.mlp.down_proj.weight"]
+            want = built.down_stats[f"{layer}.down"] * down.double().norm(dim=0)
+            assert scores == pytest.approx(sorted(want.tolist(), reverse=True), rel=1e-6)
+        else:
+            assert len(scores) == built.structure.kv_heads
+            assert units == list(space.group_counts)

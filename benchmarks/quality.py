@@ -1,0 +1,328 @@
+"""Search quality side by side: baselines and search algorithms at equal evaluations.
+
+For each setting (space and budget) every method runs on the same model, calibration and
+validation windows: the one-shot baselines (``uniform``, ``owl`` for sparsity, ``flap`` for
+width, ``additive``), and the searches (``evo``, ``random``, ``tpe``, ``gp``, ``nsga2``,
+``pymoo-ga``, plus the multi-objective ``nsga2-mo`` and ``pymoo-nsga2-mo`` that minimise the
+cost beside KL) with the same number of full-fidelity-equivalent evaluations, for several
+seeds. Calibration windows are the first windows of the text and validation windows the
+last ones (held out); the search sees calibration KL only, and methods are compared on the
+validation KL and perplexity of each one's best config.
+
+Writes under ``--out`` (default results/bench/): quality.csv (one row per run), summary.csv
+(mean and spread over seeds), curves-<setting>.png (best-so-far calibration KL against
+evaluations), summary.md (the table and the targets' verdicts) and runs/ (every run
+directory, so an interrupted benchmark picks up where it stopped).
+
+    .venv/bin/python benchmarks/quality.py            # the full benchmark (hours, see README)
+    .venv/bin/python benchmarks/quality.py --quick    # under 15 minutes on a 2-core CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from searcher.pareto import pareto_front
+from searcher.run import run
+from searcher.spec import RunSpec
+
+# setting -> (space, budget, cost objective for the multi-objective methods)
+SETTINGS: dict[str, tuple[str, str, str]] = {
+    "width-flops0.5": ("width", "flops=0.5", "flops"),
+    "width-flops0.7": ("width", "flops=0.7", "flops"),
+    "depth-blocks0.75": ("depth", "blocks=0.75", "blocks"),
+    "sparsity-0.5": ("sparsity", "sparsity=0.5", "params"),
+    "sparsity-0.6": ("sparsity", "sparsity=0.6", "params"),
+    "sparsity-0.7": ("sparsity", "sparsity=0.7", "params"),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    algo: str
+    search: bool  # runs for the evaluation budget (else a one-shot baseline)
+    spaces: tuple[str, ...] = ("width", "depth", "sparsity")
+    multi_objective: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "uniform": Method("uniform", False),
+    "owl": Method("owl", False, ("sparsity",)),
+    "flap": Method("flap", False, ("width",)),
+    "additive": Method("additive", False),
+    "evo": Method("evo", True),
+    "random": Method("random", True),
+    "tpe": Method("tpe", True),
+    "gp": Method("gp", True),
+    "nsga2": Method("nsga2", True),
+    "pymoo-ga": Method("pymoo-ga", True),
+    "nsga2-mo": Method("nsga2", True, multi_objective=True),
+    "pymoo-nsga2-mo": Method("pymoo-nsga2", True, multi_objective=True),
+}
+
+FULL = {"settings": list(SETTINGS), "methods": list(METHODS), "seeds": [0, 1], "evals": 60.0}
+QUICK = {
+    "settings": ["width-flops0.5", "sparsity-0.7"],
+    "methods": ["uniform", "flap", "owl", "evo", "tpe", "pymoo-ga", "pymoo-nsga2-mo"],
+    "seeds": [0],
+    "evals": 24.0,
+}
+
+
+def spec_for(args: argparse.Namespace, setting: str, name: str, seed: int, out: Path) -> RunSpec:
+    space, budget, cost = SETTINGS[setting]
+    method = METHODS[name]
+    return RunSpec(
+        model=args.model, space=space, budget=budget, algo=method.algo, seed=seed,
+        objectives=f"kl,{cost}" if method.multi_objective else "kl", evals=args.evals_for(name),
+        offspring=args.offspring, stages=args.stages, random_batch=args.batch,
+        seq_len=args.seq_len, importance_windows=args.importance_windows,
+        validation_windows=args.validation_windows, threads=args.threads, out=str(out),
+    )  # fmt: skip
+
+
+def run_one(spec: RunSpec) -> dict[str, Any]:
+    """One run (or its saved result, if it finished before); its best-so-far curve too."""
+    out = Path(spec.out)
+    saved = out / "bench.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    if out.exists():
+        shutil.rmtree(out)  # an interrupted run: start it again
+    curve: list[tuple[float, float]] = []
+
+    def progress(p) -> None:
+        if p.best_kl is not None:
+            curve.append((p.spent, p.best_kl))
+
+    t0 = time.perf_counter()
+    result = run(spec, on_progress=progress)
+    record = {
+        "wall_s": time.perf_counter() - t0,
+        "evals": result.evals,
+        "best": {k: result.best[k] for k in ("calibration", "validation", "fractions")},
+        "curve": curve,
+    }
+    saved.write_text(json.dumps(record))
+    return record
+
+
+def front_points(run_dir: Path, cost: str, full: int) -> np.ndarray:
+    """(calibration KL, cost fraction) of the run's feasible full-fidelity trials."""
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    col = f"kl@{full}"
+    done = trials[trials["feasible"] & trials[col].notna()]
+    return done[[col, f"{cost}_fraction"]].to_numpy(dtype=float)
+
+
+def hypervolume(points: np.ndarray, ideal: np.ndarray, nadir: np.ndarray) -> float:
+    """Share of the box from ``ideal`` to ``nadir`` (both objectives scaled to [0, 1]) that
+    the front of ``points`` dominates (pymoo's exact 2-D hypervolume)."""
+    from pymoo.indicators.hv import HV
+
+    if len(points) == 0:
+        return 0.0
+    scaled = (points - ideal) / np.where(nadir > ideal, nadir - ideal, 1.0)
+    front = scaled[pareto_front(scaled.tolist())]
+    front = front[(front < 1.0).all(axis=1)]
+    return float(HV(ref_point=np.ones(2))(front)) if len(front) else 0.0
+
+
+def evals_to_reach(curve: list[list[float]], target: float) -> float:
+    """Evaluations after which a best-so-far curve is at or below ``target`` (inf: never)."""
+    return next((spent for spent, kl in curve if kl <= target + 1e-12), float("inf"))
+
+
+def summarise(rows: pd.DataFrame, out: Path, evals: float) -> str:
+    agg = (
+        rows.groupby(["setting", "method"], sort=False)
+        .agg(
+            val_kl=("val_kl", "mean"),
+            val_kl_sd=("val_kl", "std"),
+            val_ppl=("val_ppl", "mean"),
+            cal_kl=("cal_kl", "mean"),
+            evals=("evals", "mean"),
+            wall_s=("wall_s", "mean"),
+            hv=("hv", "mean"),
+            seeds=("seed", "count"),
+        )  # fmt: skip
+        .reset_index()
+    )
+    agg.to_csv(out / "summary.csv", index=False)
+    lines = ["| setting | method | val KL (mean ± sd) | val ppl | evals | wall s | HV |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for _, r in agg.iterrows():
+        sd = f" ± {r.val_kl_sd:.3f}" if r.seeds > 1 else ""
+        lines.append(
+            f"| {r.setting} | {r.method} | {r.val_kl:.3f}{sd} | {r.val_ppl:.1f} | "
+            f"{r.evals:.0f} | {r.wall_s:.0f} | {r.hv:.3f} |"
+        )
+    lines += ["", *targets(rows, evals)]
+    text = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def targets(rows: pd.DataFrame, evals: float) -> list[str]:
+    """The issue's three targets, measured (whatever they come out as)."""
+    out = ["Targets:"]
+    mean = rows.groupby(["setting", "method"])["val_kl"].mean()
+    ppl = rows.groupby(["setting", "method"])["val_ppl"].mean()
+    s = "width-flops0.5"
+    if (s, "evo") in mean and (s, "uniform") in mean:
+        cut = 1 - mean[s, "evo"] / mean[s, "uniform"]
+        others = {m: v for (st, m), v in mean.items() if st == s and m != "evo"}
+        lost = sorted(m for m, v in others.items() if mean[s, "evo"] >= v)
+        note = f" (not: {', '.join(lost)})" if lost else ""
+        out.append(
+            f"- {s}: evo val KL {mean[s, 'evo']:.3f} vs uniform {mean[s, 'uniform']:.3f}: "
+            f"{100 * cut:.1f}% lower (target >= 30%); lower than "
+            f"{len(others) - len(lost)}/{len(others)} other methods{note}"
+        )
+    for rival in ("tpe", "pymoo-ga"):
+        ratios = []
+        for _, group in rows.groupby(["setting", "seed"]):
+            by = {r.method: r for r in group.itertuples()}
+            if "evo" in by and rival in by and by[rival].curve:
+                final = by[rival].curve[-1][1]
+                ratios.append(evals_to_reach(by["evo"].curve, final) / by[rival].evals)
+        if ratios:
+            out.append(
+                f"- evo reaches {rival}'s final calibration KL after a median "
+                f"{np.median(ratios):.2f} of {rival}'s evaluations (target <= 0.33; "
+                f"{sum(r <= 1 / 3 for r in ratios)}/{len(ratios)} setting-seed pairs meet it)"
+            )
+    s = "sparsity-0.7"
+    for rival in ("owl", "additive"):
+        if (s, "evo") in ppl and (s, rival) in ppl:
+            verdict = "beats" if ppl[s, "evo"] < ppl[s, rival] else "does not beat"
+            out.append(
+                f"- {s}: evo val ppl {ppl[s, 'evo']:.1f} {verdict} {rival} {ppl[s, rival]:.1f}"
+            )
+    return out
+
+
+def plot_curves(rows: pd.DataFrame, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for setting, group in rows.groupby("setting", sort=False):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method, runs in group.groupby("method", sort=False):
+            if METHODS[method].search:
+                grid = np.linspace(0, max(r.evals for r in runs.itertuples()), 200)
+                ys = []
+                for r in runs.itertuples():
+                    xs = [c[0] for c in r.curve]
+                    ks = [c[1] for c in r.curve]
+                    ys.append([ks[max(0, np.searchsorted(xs, g, "right") - 1)]
+                               if xs and g >= xs[0] else np.nan for g in grid])  # fmt: skip
+                with warnings.catch_warnings():  # before a run's first full score: no value
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean = np.nanmean(np.array(ys, dtype=float), axis=0)
+                ax.plot(grid, mean, label=method)
+            else:
+                ax.axhline(runs["cal_kl"].mean(), ls="--", lw=1, color="grey")
+                ax.annotate(method, (0, runs["cal_kl"].mean()), fontsize=7, color="grey")
+        ax.set_xlabel("full-fidelity-equivalent evaluations")
+        ax.set_ylabel("best calibration KL so far (mean over seeds)")
+        ax.set_yscale("log")
+        ax.set_title(f"{setting}: best-so-far KL")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"curves-{setting}.png", dpi=120)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a subset, under 15 minutes")
+    parser.add_argument("--model", help="model directory (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--settings", help=f"comma-separated, from {', '.join(SETTINGS)}")
+    parser.add_argument("--methods", help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--seeds", type=int, help="seeds per search method")
+    parser.add_argument("--evals", type=float, help="evaluations per search run")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--importance-windows", type=int, default=4)
+    parser.add_argument("--validation-windows", type=int, default=8)
+    parser.add_argument("--stages", default="1:2,4:1", help="evo's stages; the last sets full")
+    parser.add_argument("--offspring", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="random/Optuna/pymoo batch")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="results/bench")
+    args = parser.parse_args(argv)
+    plan = dict(QUICK if args.quick else FULL)
+    if args.settings:
+        plan["settings"] = args.settings.split(",")
+    if args.methods:
+        plan["methods"] = args.methods.split(",")
+    if args.seeds:
+        plan["seeds"] = list(range(args.seeds))
+    if args.evals:
+        plan["evals"] = args.evals
+    bad = [s for s in plan["settings"] if s not in SETTINGS]
+    bad += [m for m in plan["methods"] if m not in METHODS]
+    if bad:
+        parser.error(f"unknown setting or method: {', '.join(bad)}")
+    # Baselines take what they need (additive: one window per level scored alone).
+    args.evals_for = lambda name: plan["evals"] if METHODS[name].search else 10**6
+    full = int(args.stages.split(",")[-1].split(":")[0])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    t0 = time.perf_counter()
+    for setting in plan["settings"]:
+        space, _, cost = SETTINGS[setting]
+        for name in plan["methods"]:
+            method = METHODS[name]
+            if space not in method.spaces:
+                continue
+            for seed in plan["seeds"] if method.search else [0]:
+                run_dir = out / "runs" / setting / f"{name}-s{seed}"
+                rec = run_one(spec_for(args, setting, name, seed, run_dir))
+                best = rec["best"]
+                rows.append({
+                    "setting": setting, "method": name, "seed": seed, "evals": rec["evals"],
+                    "wall_s": rec["wall_s"], "cal_kl": best["calibration"]["kl"],
+                    "val_kl": best["validation"]["kl"], "val_ppl": best["validation"]["ppl"],
+                    "dense_ppl": best["validation"]["dense_ppl"], "curve": rec["curve"],
+                    "run_dir": str(run_dir), "cost": cost,
+                    **{f"{k}_fraction": v for k, v in best["fractions"].items()},
+                })  # fmt: skip
+                print(f"[{time.perf_counter() - t0:6.0f}s] {setting} {name} seed {seed}: "
+                      f"val KL {best['validation']['kl']:.4f}, {rec['evals']:.0f} evals, "
+                      f"{rec['wall_s']:.0f} s", flush=True)  # fmt: skip
+    frame = pd.DataFrame(rows)
+    # Hypervolume of every run's (calibration KL, cost) front, normalised per setting to the
+    # box between the best and the worst KL and cost any run of the setting scored there.
+    hv = []
+    for _, group in frame.groupby("setting", sort=False):
+        pts = {r.run_dir: front_points(Path(r.run_dir), r.cost, full) for r in group.itertuples()}
+        allp = np.vstack([p for p in pts.values() if len(p)])
+        ideal, nadir = allp.min(axis=0), allp.max(axis=0)
+        hv += [(r.Index, hypervolume(pts[r.run_dir], ideal, nadir)) for r in group.itertuples()]
+    frame["hv"] = pd.Series(dict(hv))
+    frame.drop(columns=["curve"]).to_csv(out / "quality.csv", index=False)
+    plot_curves(frame, out)
+    text = summarise(frame, out, plan["evals"])
+    print(text)
+    print(f"wrote {out}/quality.csv, summary.csv, summary.md, curves-*.png "
+          f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""benchmarks/quality.py --quick end to end on the tiny model: every file, every method."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).parents[1]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quality"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_mode_runs_end_to_end_and_resumes(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    quality = _benchmark()
+    args = ["--quick", "--model", str(tiny_dir), "--evals", "6", "--seq-len", "32",
+            "--importance-windows", "2", "--validation-windows", "2", "--stages", "1:1,2:1",
+            "--offspring", "4", "--batch", "4", "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert quality.main(args) == 0
+    rows = pd.read_csv(tmp_path / "quality.csv")
+    want = {
+        ("width-flops0.5", m) for m in quality.QUICK["methods"] if m != "owl"
+    } | {("sparsity-0.7", m) for m in quality.QUICK["methods"] if m != "flap"}
+    assert set(zip(rows["setting"], rows["method"])) == want
+    search = rows[rows["method"].isin(["evo", "tpe", "pymoo-ga", "pymoo-nsga2-mo"])]
+    assert (search["evals"] >= 6).all() and (search["evals"] <= 6 + 4).all()  # one batch over
+    assert ((rows["hv"] >= 0) & (rows["hv"] <= 1)).all()
+    assert rows["val_kl"].gt(0).all() and rows["val_ppl"].gt(0).all()
+    for setting in ("width-flops0.5", "sparsity-0.7"):
+        assert (tmp_path / f"curves-{setting}.png").stat().st_size > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| width-flops0.5 | evo |" in summary and "Targets:" in summary
+    assert "evo reaches tpe's final calibration KL" in summary
+    # A second invocation reads every finished run back instead of running it again.
+    first = json.loads((tmp_path / "runs/width-flops0.5/evo-s0/bench.json").read_text())
+    capsys.readouterr()
+    assert quality.main(args) == 0
+    again = pd.read_csv(tmp_path / "quality.csv")
+    assert again["val_kl"].tolist() == rows["val_kl"].tolist()
+    assert json.loads((tmp_path / "runs/width-flops0.5/evo-s0/bench.json").read_text()) == first

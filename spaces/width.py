@@ -175,15 +175,14 @@ class WidthSpace(SearchSpace):
     def priors(self) -> dict[str, Any]:
         """``unit_scores``: per gene, the activation-aware score of each unit (KV group or
         neuron), best first, the order in which levels keep them; ``units``: per gene and
-        level, how many units the level keeps; ``unit_kinds``: attn or mlp per gene."""
+        level, how many units the level keeps."""
         scores, units = [], []
         for gi, gene in enumerate(self.genes):
             groups, neurons = self._scores[gi // 2]
             attn = gene.kind == "attn"
             scores.append(groups if attn else neurons)
             units.append(list(self.group_counts) if attn else list(self.mlp_sizes))
-        kinds = [g.kind for g in self.genes]
-        return {"unit_scores": scores, "units": units, "unit_kinds": kinds}
+        return {"unit_scores": scores, "units": units}
 
     def fingerprint(self) -> str:
         return digest(self.neuron_order, self.group_order)

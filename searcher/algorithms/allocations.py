@@ -7,8 +7,8 @@
   target density, and every projection of the layer takes the level nearest its layer's
   density.
 - ``flap``: a one-shot, FLAP-style global ranking for ``width``: every KV group and MLP
-  neuron has the space's activation-aware score; scores are standardised within each kind
-  (attention, MLP) across the model and one global threshold keeps the units above it, the
+  neuron has the space's activation-aware score; scores are standardised within each layer's
+  attention and MLP (as FLAP does) and one global threshold keeps the units above it, the
   lowest threshold that meets the budget.
 - ``additive``: scores each gene's levels alone (the rest of the model dense), assumes the
   errors add up, and solves the budgeted allocation exactly by dynamic programming (a
@@ -113,16 +113,14 @@ class FLAP(OneShot):
         return tuple(genes)
 
     def standardised(self) -> list[np.ndarray]:
-        priors = self.problem.priors
-        kinds = priors["unit_kinds"]
-        scores = [np.asarray(s, dtype=float) for s in priors["unit_scores"]]
-        out = list(scores)
-        for kind in set(kinds):
-            pooled = np.concatenate([s for s, k in zip(scores, kinds) if k == kind])
-            mean, std = pooled.mean(), pooled.std() or 1.0
-            for i, k in enumerate(kinds):
-                if k == kind:
-                    out[i] = (scores[i] - mean) / std
+        """Each gene's unit scores standardised within the gene (one layer's attention or
+        MLP), as FLAP standardises per layer and structure: raw activation-aware scores grow
+        with depth along with the residual stream, so unstandardised they would rank every
+        unit of the last layers above every unit of the first."""
+        out = []
+        for s in self.problem.priors["unit_scores"]:
+            s = np.asarray(s, dtype=float)
+            out.append((s - s.mean()) / (s.std() or 1.0))
         return out
 
     def allocate(self) -> Candidate:

@@ -109,16 +109,25 @@ def test_owl_gives_outlier_heavy_layers_more_density() -> None:
     assert owl.chosen[1] >= owl.chosen[0]
 
 
-def test_flap_keeps_the_highest_scores_under_the_budget() -> None:
+def test_flap_ranks_standardised_scores_globally_under_the_budget() -> None:
     rng = np.random.default_rng(0)
     units = [list(range(1, n + 1)) for n in N_LEVELS]  # level l keeps l + 1 units
-    scale = [1.0, 5.0, 1.0, 0.2, 3.0, 1.0]  # gene 1's units score far higher, gene 3's lower
-    scores = [sorted(rng.random(n) * s, reverse=True) for n, s in zip(N_LEVELS, scale)]
-    p = problem("flops=0.55", unit_scores=scores, units=units, unit_kinds=["mlp"] * 6)
+    # gene 1: one dominant unit, the rest near zero (standardised: all but one far below the
+    # others' units); gene 3: evenly spread scores
+    scores = [sorted(rng.random(n), reverse=True) for n in N_LEVELS]
+    scores[1] = [10.0] + [0.01] * (N_LEVELS[1] - 1)
+    p = problem("flops=0.55", unit_scores=scores, units=units)
     flap = FLAP(p, seed=0, full_windows=1)
     Engine(p, flap, FakePool(), max_evals=10).run()
     assert p.feasible(flap.chosen)
-    assert flap.chosen[1] == N_LEVELS[1] - 1 and flap.chosen[3] <= 1
+    # standardised per gene: scaling one gene's scores changes nothing
+    scaled = [list(np.array(s) * (100.0 if i == 3 else 1.0)) for i, s in enumerate(scores)]
+    again = FLAP(problem("flops=0.55", unit_scores=scaled, units=units), seed=0, full_windows=1)
+    assert again.allocate() == flap.allocate()
+    z = flap.standardised()
+    genes = flap.allocate()
+    kept = [int((zs >= 0).sum()) for zs in z]
+    assert genes[1] <= genes[0] and kept[1] == 1
 
 
 @pytest.mark.parametrize("cls", [OWL, FLAP])

@@ -37,7 +37,7 @@ class Budget:
         if not parts:
             raise SearcherError(
                 "empty --budget: give one or more of flops=R, params=R, sparsity=R, latency=R, "
-                "latency_ms=X"
+                "blocks=R, latency_ms=X"
             )
         for part in parts:
             key, sep, value = part.partition("=")

@@ -6,8 +6,10 @@ operators are the usual integer-coded ones: simulated binary crossover and polyn
 mutation rounded to integers (``RoundingRepair``), duplicate elimination. Every offspring
 then goes through the budget repair every other algorithm uses (``Problem.repair`` and
 ``Problem.fill``, seeded), as a pymoo ``Repair``, so pymoo only ever proposes feasible
-candidates. The first population holds the uniform allocation, filled to the budget (where
-``evo`` and the Optuna samplers start), and random feasible candidates.
+candidates (on KL alone every offspring is filled to the budget; with costs as objectives
+only repaired ones are, so the front can spread below the budget). The first population
+holds the uniform allocation, filled to the budget (where ``evo`` and the Optuna samplers
+start), and random feasible candidates.
 
 pymoo's ask/tell interface (``algorithm.ask()`` / ``algorithm.tell(infills=pop)``) drives
 it; the values are handed over with a ``StaticProblem``, as pymoo's documentation does it.
@@ -46,18 +48,24 @@ class _Genes(PymooProblem):
 
 
 class _Budget(Repair):
-    """Round, then lower random genes until the budget holds and raise them while it does."""
+    """Round, then lower random genes until the budget holds and raise them while it does.
 
-    def __init__(self, problem: Problem, rng: np.random.Generator) -> None:
+    With costs among the objectives (``fill_feasible=False``) a feasible candidate stays as
+    proposed, as in the Optuna samplers: filling it to the budget would pull every point of
+    the front onto the budget line."""
+
+    def __init__(self, problem: Problem, rng: np.random.Generator, fill_feasible: bool) -> None:
         super().__init__()
-        self.problem, self.rng = problem, rng
+        self.problem, self.rng, self.fill_feasible = problem, rng, fill_feasible
 
     def _do(self, _problem: Any, X: np.ndarray, **kwargs: Any) -> np.ndarray:
         top = np.array(self.problem.n_levels) - 1
         out = []
         for x in np.clip(np.rint(X), 0, top).astype(int):
             g = tuple(int(v) for v in x)
-            out.append(self.problem.fill(self.problem.repair(g, self.rng), self.rng))
+            if self.fill_feasible or not self.problem.feasible(g):
+                g = self.problem.fill(self.problem.repair(g, self.rng), self.rng)
+            out.append(g)
         return np.array(out, dtype=int)
 
 
@@ -106,7 +114,7 @@ class PymooSearch(Algorithm):
             "sampling": _Start(self.problem, self.rng),
             "crossover": SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
             "mutation": PM(eta=20, vtype=float, repair=RoundingRepair()),
-            "repair": _Budget(self.problem, self.rng),
+            "repair": _Budget(self.problem, self.rng, fill_feasible=len(self.objectives) == 1),
             "eliminate_duplicates": True,
         }
 

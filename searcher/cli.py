@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="evo's starting allocation: uniform (default) | owl | flap | additive",
     )
     r.add_argument("--objectives", default=s,
-                   help="kl, or kl,flops / kl,latency: a Pareto front (tpe/gp/nsga2)")  # fmt: skip
+                   help="kl, or kl,flops / kl,latency: a Pareto front "
+                   "(tpe/gp/nsga2/pymoo-nsga2)")  # fmt: skip
     r.add_argument("--seed", type=int, default=s)
     r.add_argument("--preset", default=s, choices=sorted(PRESETS), help="default: default")
     r.add_argument("--evals", type=float, default=s,

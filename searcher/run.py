@@ -242,6 +242,8 @@ def run(
         raise SearcherError(f"unknown --algo {spec.algo!r}: choose one of {', '.join(ALGORITHMS)}")
     if spec.init not in SEEDS:
         raise SearcherError(f"unknown --init {spec.init!r}: choose one of {', '.join(SEEDS)}")
+    if spec.init != "uniform" and spec.algo != "evo":
+        raise SearcherError(f"--init {spec.init} sets where evo starts: use it with --algo evo")
     if spec.objectives != "kl" and not ALGORITHMS[spec.algo].multi_objective:
         multi = ", ".join(n for n, a in ALGORITHMS.items() if a.multi_objective)
         raise SearcherError(f"--objectives {spec.objectives} needs one of --algo {multi}")

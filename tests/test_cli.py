@@ -108,6 +108,8 @@ def test_same_seed_same_result(tiny_dir: Path, tmp_path: Path) -> None:
         (["run", "--budget", "flops"], "bad budget term"),
         (["run", "--budget", "flops=1.5"], "must lie in (0, 1]"),
         (["run", "--algo", "magic"], "unknown --algo"),
+        (["run", "--init", "magic"], "unknown --init"),
+        (["run", "--algo", "tpe", "--init", "owl"], "use it with --algo evo"),
         (["run", "--stages", "4:1,1:2"], "bad --stages"),
         (["eval", "/nonexistent/best.json"], "cannot read config"),
     ],

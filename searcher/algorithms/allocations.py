@@ -156,12 +156,12 @@ class Additive(OneShot):
                 continue
             picks = np.unique(np.round(np.linspace(0, top - 1, min(levels_per_gene, top))))
             self.scored.append([int(x) for x in picks])
-        self.profile: list[Candidate] = [
-            tuple(lv if j == g else d for j, d in enumerate(dense))
-            for g, levels in enumerate(self.scored)
-            for lv in levels
-        ]
+        self.profile = [self.alone(g, lv) for g, levels in enumerate(self.scored) for lv in levels]
         self.errors: dict[Candidate, float] = {}
+
+    def alone(self, gene: int, level: int) -> Candidate:
+        """Dense but for ``gene`` at ``level``."""
+        return tuple(level if j == gene else d for j, d in enumerate(self.problem.dense()))
 
     @classmethod
     def configure(cls, problem, seed, full_windows, settings):
@@ -198,8 +198,7 @@ class Additive(OneShot):
         for g, levels in enumerate(self.scored):
             keep = np.asarray(self.problem.keep[g], dtype=float)
             xs = [keep[lv] for lv in levels] + [keep[dense[g]]]
-            ys = [self.errors[tuple(lv if j == g else d for j, d in enumerate(dense))]
-                  for lv in levels] + [0.0]  # fmt: skip
+            ys = [self.errors[self.alone(g, lv)] for lv in levels] + [0.0]
             order = np.argsort(xs)
             table.append(np.interp(keep, np.asarray(xs)[order], np.asarray(ys)[order]))
         return table

@@ -247,12 +247,13 @@ def plot_curves(rows: pd.DataFrame, out: Path) -> None:
                 ax.plot(grid, mean, label=method)
             else:
                 ax.axhline(runs["cal_kl"].mean(), ls="--", lw=1, color="grey")
-                ax.annotate(method, (0, runs["cal_kl"].mean()), fontsize=7, color="grey")
+                ax.annotate(method, (0.01, runs["cal_kl"].mean()), xycoords=("axes fraction",
+                            "data"), fontsize=7, color="grey", va="bottom")  # fmt: skip
         ax.set_xlabel("full-fidelity-equivalent evaluations")
         ax.set_ylabel("best calibration KL so far (mean over seeds)")
         ax.set_yscale("log")
         ax.set_title(f"{setting}: best-so-far KL")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper right")
         fig.tight_layout()
         fig.savefig(out / f"curves-{setting}.png", dpi=120)
         plt.close(fig)

@@ -17,69 +17,77 @@ it; the values are handed over with a ``StaticProblem``, as pymoo's documentatio
 
 from __future__ import annotations
 
+import functools
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import numpy as np
-from pymoo.algorithms.moo.nsga2 import NSGA2
-from pymoo.algorithms.soo.nonconvex.ga import GA
-from pymoo.core.evaluator import Evaluator
-from pymoo.core.population import Population
-from pymoo.core.problem import Problem as PymooProblem
-from pymoo.core.repair import Repair
-from pymoo.core.sampling import Sampling
-from pymoo.operators.crossover.sbx import SBX
-from pymoo.operators.mutation.pm import PM
-from pymoo.operators.repair.rounding import RoundingRepair
-from pymoo.problems.static import StaticProblem
 
 from searcher.algorithms.base import Algorithm, Request, Result
 from searcher.algorithms.samplers import parse_objectives
 from searcher.problem import Candidate, Problem
 
 
-class _Genes(PymooProblem):
-    """The gene vector as pymoo sees it; values come from the engine, never from here."""
+@functools.cache
+def _pymoo() -> SimpleNamespace:
+    """pymoo and the pieces built on it, imported on first use: pymoo imports scipy, and
+    importing ``searcher.algorithms`` must stay light."""
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.algorithms.soo.nonconvex.ga import GA
+    from pymoo.core.evaluator import Evaluator
+    from pymoo.core.problem import Problem as PymooProblem
+    from pymoo.core.repair import Repair
+    from pymoo.core.sampling import Sampling
+    from pymoo.operators.crossover.sbx import SBX
+    from pymoo.operators.mutation.pm import PM
+    from pymoo.operators.repair.rounding import RoundingRepair
+    from pymoo.problems.static import StaticProblem
 
-    def __init__(self, problem: Problem, n_obj: int) -> None:
-        super().__init__(
-            n_var=problem.n_genes, n_obj=n_obj, xl=0, xu=np.array(problem.n_levels) - 1,
-            vtype=int,
-        )  # fmt: skip
+    class Genes(PymooProblem):
+        """The gene vector as pymoo sees it; values come from the engine, never from here."""
 
+        def __init__(self, problem: Problem, n_obj: int) -> None:
+            super().__init__(
+                n_var=problem.n_genes, n_obj=n_obj, xl=0, xu=np.array(problem.n_levels) - 1,
+                vtype=int,
+            )  # fmt: skip
 
-class _Budget(Repair):
-    """Round, then lower random genes until the budget holds and raise them while it does.
+    class Budget(Repair):
+        """Round, then lower random genes until the budget holds and raise them while it
+        does. With costs among the objectives (``fill_feasible=False``) a feasible candidate
+        stays as proposed, as in the Optuna samplers: filling it to the budget would pull
+        every point of the front onto the budget line."""
 
-    With costs among the objectives (``fill_feasible=False``) a feasible candidate stays as
-    proposed, as in the Optuna samplers: filling it to the budget would pull every point of
-    the front onto the budget line."""
+        def __init__(self, problem: Problem, rng: np.random.Generator, fill_feasible: bool):
+            super().__init__()
+            self.problem, self.rng, self.fill_feasible = problem, rng, fill_feasible
 
-    def __init__(self, problem: Problem, rng: np.random.Generator, fill_feasible: bool) -> None:
-        super().__init__()
-        self.problem, self.rng, self.fill_feasible = problem, rng, fill_feasible
+        def _do(self, _problem: Any, X: np.ndarray, **kwargs: Any) -> np.ndarray:
+            top = np.array(self.problem.n_levels) - 1
+            out = []
+            for x in np.clip(np.rint(X), 0, top).astype(int):
+                g = tuple(int(v) for v in x)
+                if self.fill_feasible or not self.problem.feasible(g):
+                    g = self.problem.fill(self.problem.repair(g, self.rng), self.rng)
+                out.append(g)
+            return np.array(out, dtype=int)
 
-    def _do(self, _problem: Any, X: np.ndarray, **kwargs: Any) -> np.ndarray:
-        top = np.array(self.problem.n_levels) - 1
-        out = []
-        for x in np.clip(np.rint(X), 0, top).astype(int):
-            g = tuple(int(v) for v in x)
-            if self.fill_feasible or not self.problem.feasible(g):
-                g = self.problem.fill(self.problem.repair(g, self.rng), self.rng)
-            out.append(g)
-        return np.array(out, dtype=int)
+    class Start(Sampling):
+        """The uniform allocation filled to the budget, then random feasible candidates."""
 
+        def __init__(self, problem: Problem, rng: np.random.Generator) -> None:
+            super().__init__()
+            self.problem, self.rng = problem, rng
 
-class _Start(Sampling):
-    """The uniform allocation filled to the budget, then random feasible candidates."""
+        def _do(self, _problem: Any, n_samples: int, **kwargs: Any) -> np.ndarray:
+            first = self.problem.fill(self.problem.uniform(), self.rng)
+            rest = [self.problem.random(self.rng) for _ in range(n_samples - 1)]
+            return np.array([first, *rest], dtype=int)
 
-    def __init__(self, problem: Problem, rng: np.random.Generator) -> None:
-        super().__init__()
-        self.problem, self.rng = problem, rng
-
-    def _do(self, _problem: Any, n_samples: int, **kwargs: Any) -> np.ndarray:
-        first = self.problem.fill(self.problem.uniform(), self.rng)
-        rest = [self.problem.random(self.rng) for _ in range(n_samples - 1)]
-        return np.array([first, *rest], dtype=int)
+    return SimpleNamespace(
+        GA=GA, NSGA2=NSGA2, Evaluator=Evaluator, StaticProblem=StaticProblem, SBX=SBX, PM=PM,
+        RoundingRepair=RoundingRepair, Genes=Genes, Budget=Budget, Start=Start,
+    )  # fmt: skip
 
 
 class PymooSearch(Algorithm):
@@ -96,10 +104,10 @@ class PymooSearch(Algorithm):
     ) -> None:
         super().__init__(problem, seed, full_windows)
         self.objectives = parse_objectives(objectives, problem)
-        self.pymoo_problem = _Genes(problem, len(self.objectives))
+        self.pymoo_problem = _pymoo().Genes(problem, len(self.objectives))
         self.algorithm = self.make(max(2, population))
         self.algorithm.setup(self.pymoo_problem, termination=("n_gen", 10**9), seed=seed)
-        self._pop: Population | None = None
+        self._pop: Any = None  # the population asked last
         self.known: dict[Candidate, float] = {}
         self.generations = 0
 
@@ -109,12 +117,13 @@ class PymooSearch(Algorithm):
         return cls(problem, seed, full_windows, settings["random_batch"], objectives)
 
     def operators(self, population: int) -> dict[str, Any]:
+        pm = _pymoo()
         return {
             "pop_size": population,
-            "sampling": _Start(self.problem, self.rng),
-            "crossover": SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
-            "mutation": PM(eta=20, vtype=float, repair=RoundingRepair()),
-            "repair": _Budget(self.problem, self.rng, fill_feasible=len(self.objectives) == 1),
+            "sampling": pm.Start(self.problem, self.rng),
+            "crossover": pm.SBX(prob=0.9, eta=15, vtype=float, repair=pm.RoundingRepair()),
+            "mutation": pm.PM(eta=20, vtype=float, repair=pm.RoundingRepair()),
+            "repair": pm.Budget(self.problem, self.rng, fill_feasible=len(self.objectives) == 1),
             "eliminate_duplicates": True,
         }
 
@@ -137,8 +146,9 @@ class PymooSearch(Algorithm):
             self.known[r.candidate] = r.kl
             fractions = self.problem.fractions(r.candidate)
             rows.append([r.kl if o == "kl" else fractions[o] for o in self.objectives])
-        static = StaticProblem(self.pymoo_problem, F=np.array(rows, dtype=float))
-        Evaluator().eval(static, self._pop)
+        pm = _pymoo()
+        static = pm.StaticProblem(self.pymoo_problem, F=np.array(rows, dtype=float))
+        pm.Evaluator().eval(static, self._pop)
         self.algorithm.tell(infills=self._pop)
         self._pop = None
         self.generations += 1
@@ -154,7 +164,7 @@ class PymooGA(PymooSearch):
     multi_objective = False
 
     def make(self, population: int) -> Any:
-        return GA(**self.operators(population))
+        return _pymoo().GA(**self.operators(population))
 
 
 class PymooNSGA2(PymooSearch):
@@ -163,4 +173,4 @@ class PymooNSGA2(PymooSearch):
     name = "pymoo-nsga2"
 
     def make(self, population: int) -> Any:
-        return NSGA2(**self.operators(population))
+        return _pymoo().NSGA2(**self.operators(population))

@@ -106,10 +106,14 @@ class Problem:
                 return tuple(g)
             g[int(rng.choice(choices))] += 1
 
+    def to_budget(self, genes: Sequence[int], rng: np.random.Generator) -> Candidate:
+        """Repaired (lowered until feasible), then filled (raised while it still fits)."""
+        return self.fill(self.repair(genes, rng), rng)
+
     def random(self, rng: np.random.Generator) -> Candidate:
         """A random feasible candidate near the budget (uniform levels, repaired, filled)."""
         g = [int(rng.integers(0, n)) for n in self.n_levels]
-        return self.fill(self.repair(g, rng), rng)
+        return self.to_budget(g, rng)
 
     def uniform(self) -> Candidate:
         """The same kept fraction everywhere, as large as the budget allows.
@@ -169,4 +173,4 @@ class Problem:
             j = int(rng.choice(up))
             g[i] -= 1
             g[j] += 1
-        return self.fill(self.repair(g, rng), rng)
+        return self.to_budget(g, rng)

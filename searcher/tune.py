@@ -105,7 +105,7 @@ def repaired(problem: Problem, genes: tuple[int, ...], seed: int) -> Candidate:
     if problem.feasible(genes):
         return genes
     rng = np.random.default_rng([seed, *genes])
-    return problem.fill(problem.repair(genes, rng), rng)
+    return problem.to_budget(genes, rng)
 
 
 def portable(spec: RunSpec) -> RunSpec:

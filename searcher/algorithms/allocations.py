@@ -50,14 +50,11 @@ class OneShot(Algorithm):
     def allocate(self) -> Candidate:
         raise NotImplementedError
 
-    def to_budget(self, genes: Candidate) -> Candidate:
-        return self.problem.fill(self.problem.repair(genes, self.rng), self.rng)
-
     def ask(self) -> list[Request]:
         if self.done:
             return []
         if self.chosen is None:
-            self.chosen = self.to_budget(self.allocate())
+            self.chosen = self.problem.to_budget(self.allocate(), self.rng)
         return [Request(self.chosen, self.full_windows)]
 
     def tell(self, results: list[Result]) -> None:

@@ -68,7 +68,7 @@ def _pymoo() -> SimpleNamespace:
             for x in np.clip(np.rint(X), 0, top).astype(int):
                 g = tuple(int(v) for v in x)
                 if self.fill_feasible or not self.problem.feasible(g):
-                    g = self.problem.fill(self.problem.repair(g, self.rng), self.rng)
+                    g = self.problem.to_budget(g, self.rng)
                 out.append(g)
             return np.array(out, dtype=int)
 

@@ -192,7 +192,7 @@ class OptunaSearch(Algorithm):
             feasible = all(v <= 0 for v in constraints.values())
             target = genes
             if not feasible:
-                target = self.problem.fill(self.problem.repair(genes, self.rng), self.rng)
+                target = self.problem.to_budget(genes, self.rng)
                 self.repaired += 1
             self.proposals += 1
             trial.set_user_attr("scored", list(target))

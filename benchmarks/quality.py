@@ -53,6 +53,7 @@ class Method:
     search: bool  # runs for the evaluation budget (else a one-shot baseline)
     spaces: tuple[str, ...] = ("width", "depth", "sparsity")
     multi_objective: bool = False
+    init: str = "uniform"  # evo's first parent: a baseline's allocation
 
 
 METHODS: dict[str, Method] = {
@@ -68,6 +69,9 @@ METHODS: dict[str, Method] = {
     "pymoo-ga": Method("pymoo-ga", True),
     "nsga2-mo": Method("nsga2", True, multi_objective=True),
     "pymoo-nsga2-mo": Method("pymoo-nsga2", True, multi_objective=True),
+    # Opt-in (--methods): evo started from additive's allocation, with additive's evaluations
+    # on top of the search budget (additive must run before it in the same invocation).
+    "evo+additive": Method("evo", True, init="additive"),
 }
 
 # Two seeds per search method where the targets are judged, one elsewhere (--seeds N gives N
@@ -78,7 +82,7 @@ METHODS: dict[str, Method] = {
 TARGETS = ("width-flops0.5", "sparsity-0.7")
 FULL = {  # the settings the targets are judged on first
     "settings": [*TARGETS, "width-flops0.7", "depth-blocks0.75", "sparsity-0.5", "sparsity-0.6"],
-    "methods": list(METHODS),
+    "methods": [m for m in METHODS if METHODS[m].init == "uniform"],
     "seeds": {s: 2 if s in TARGETS else 1 for s in SETTINGS},
     "skip": {(s, "gp") for s in SETTINGS if s != "width-flops0.5"},
     "evals": 40.0,
@@ -91,12 +95,14 @@ QUICK = {
 }
 
 
-def spec_for(args: argparse.Namespace, setting: str, name: str, seed: int, out: Path) -> RunSpec:
+def spec_for(
+    args: argparse.Namespace, setting: str, name: str, seed: int, out: Path, evals: float
+) -> RunSpec:
     space, budget, cost = SETTINGS[setting]
     method = METHODS[name]
     return RunSpec(
-        model=args.model, space=space, budget=budget, algo=method.algo, seed=seed,
-        objectives=f"kl,{cost}" if method.multi_objective else "kl", evals=args.evals_for(name),
+        model=args.model, space=space, budget=budget, algo=method.algo, init=method.init,
+        seed=seed, objectives=f"kl,{cost}" if method.multi_objective else "kl", evals=evals,
         offspring=args.offspring, stages=args.stages, random_batch=args.batch,
         seq_len=args.seq_len, importance_windows=args.importance_windows,
         validation_windows=args.validation_windows, threads=args.threads, out=str(out),
@@ -107,10 +113,10 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     """One run (or its saved result, if it finished before); its best-so-far curve too."""
     out = Path(spec.out)
     saved = out / "bench.json"
-    if saved.is_file():
+    if saved.is_file() and same_spec(out / "run.json", spec):
         return json.loads(saved.read_text())
     if out.exists():
-        shutil.rmtree(out)  # an interrupted run: start it again
+        shutil.rmtree(out)  # an interrupted run, or one with other settings: run it again
     curve: list[tuple[float, float]] = []
 
     def progress(p) -> None:
@@ -127,6 +133,17 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     }
     saved.write_text(json.dumps(record))
     return record
+
+
+def same_spec(run_json: Path, spec: RunSpec) -> bool:
+    """Whether the run directory holds a run of ``spec`` (wherever it was written: a finished
+    run copied from another benchmark directory counts)."""
+    try:
+        saved = json.loads(run_json.read_text())["spec"]
+    except (OSError, ValueError, KeyError):
+        return False
+    want = json.loads(json.dumps(spec.to_dict()))
+    return {**saved, "out": None} == {**want, "out": None}
 
 
 def front_points(run_dir: Path, cost: str, full: int) -> np.ndarray:
@@ -290,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     bad += [m for m in plan["methods"] if m not in METHODS]
     if bad:
         parser.error(f"unknown setting or method: {', '.join(bad)}")
-    # Baselines take what they need (additive: one window per level scored alone).
-    args.evals_for = lambda name: plan["evals"] if METHODS[name].search else 10**6
+    methods = plan["methods"]
+    late = [m for i, m in enumerate(methods) if METHODS[m].init not in ("uniform", *methods[:i])]
+    if late:
+        parser.error(f"{', '.join(late)} need their seed's method listed before them")
     full = int(args.stages.split(",")[-1].split(":")[0])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -304,9 +323,15 @@ def main(argv: list[str] | None = None) -> int:
             method = METHODS[name]
             if space not in method.spaces or (setting, name) in plan.get("skip", ()):
                 continue
+            # Baselines take what they need (additive: one window per level scored alone);
+            # a seeded search gets its seed's evaluations on top of the budget.
+            evals = plan["evals"] if method.search else 10**6
+            if method.init != "uniform":
+                ran = [r for r in rows if (r["setting"], r["method"]) == (setting, method.init)]
+                evals += ran[0]["evals"]
             for seed in range(plan["seeds"].get(setting, 1) if method.search else 1):
                 run_dir = out / "runs" / setting / f"{name}-s{seed}"
-                rec = run_one(spec_for(args, setting, name, seed, run_dir))
+                rec = run_one(spec_for(args, setting, name, seed, run_dir, evals))
                 best = rec["best"]
                 rows.append({
                     "setting": setting, "method": name, "seed": seed, "evals": rec["evals"],

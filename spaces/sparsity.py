@@ -12,6 +12,7 @@ least R of them are zero) or the whole model's parameters.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,9 +97,10 @@ class SparsitySpace(SearchSpace):
         self._applied = list(self.dense())
 
     def _zeroed(self, gi: int, level: int) -> int:
-        """Weights zeroed per output row of gene gi's linear at this level."""
+        """Weights zeroed per output row of gene gi's linear at this level: rounded up, so
+        that a level of s zeroes at least s of every row and ``sparsity=s`` admits it."""
         in_features = self._dense[gi].shape[1]
-        return int(self.sparsities[level] * in_features + 1e-9)
+        return math.ceil(self.sparsities[level] * in_features - 1e-9)
 
     def apply(self, candidate: Sequence[int]) -> None:
         with torch.no_grad():

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).parents[1]
 
@@ -49,3 +50,30 @@ def test_quick_mode_runs_end_to_end_and_resumes(tiny_dir: Path, tmp_path: Path, 
     again = pd.read_csv(tmp_path / "quality.csv")
     assert again["val_kl"].tolist() == rows["val_kl"].tolist()
     assert json.loads((tmp_path / "runs/width-flops0.5/evo-s0/bench.json").read_text()) == first
+
+
+def test_seeded_evo_gets_its_seeds_evaluations_and_changed_settings_rerun(
+    tiny_dir: Path, tmp_path: Path, capsys
+) -> None:
+    quality = _benchmark()
+    base = ["--model", str(tiny_dir), "--settings", "width-flops0.5", "--seeds", "1",
+            "--seq-len", "32", "--importance-windows", "2", "--validation-windows", "2",
+            "--stages", "1:1,2:1", "--offspring", "4", "--threads", "1",
+            "--out", str(tmp_path)]  # fmt: skip
+    args = [*base, "--methods", "additive,evo+additive,evo", "--evals", "4"]
+    assert quality.main(args) == 0
+    rows = pd.read_csv(tmp_path / "quality.csv").set_index("method")
+    additive, seeded = rows.loc["additive"], rows.loc["evo+additive"]
+    assert additive["evals"] + 4 <= seeded["evals"] <= additive["evals"] + 4 + 1
+    assert seeded["cal_kl"] <= additive["cal_kl"] + 1e-9  # its first parent is additive's pick
+    run = json.loads((tmp_path / "runs/width-flops0.5/evo+additive-s0/run.json").read_text())
+    assert run["spec"]["init"] == "additive" and run["spec"]["algo"] == "evo"
+    # A run made with other settings is not reused: evo runs again with the new budget.
+    assert quality.main([*base, "--methods", "evo", "--evals", "8"]) == 0
+    again = pd.read_csv(tmp_path / "quality.csv").set_index("method")
+    assert again.loc["evo", "evals"] >= 8 > rows.loc["evo", "evals"]
+    # A seeded method needs its seed listed before it.
+    with pytest.raises(SystemExit) as exit_:
+        quality.main([*base, "--methods", "evo+additive", "--evals", "4"])
+    assert exit_.value.code == 2
+    assert "evo+additive need their seed's method" in capsys.readouterr().err

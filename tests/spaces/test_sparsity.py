@@ -60,7 +60,7 @@ def built(request):
 
 
 def zeros_expected(sparsity: float, in_features: int) -> int:
-    return math.floor(sparsity * in_features + 1e-9)
+    return math.ceil(sparsity * in_features - 1e-9)
 
 
 def test_genes_and_grid(built) -> None:
@@ -198,3 +198,21 @@ def test_owl_outlier_ratios_pool_each_decoder_layer(built) -> None:
         want = float((scores > 5 * scores.mean()).double().mean())
         got = [ratios[i] for i, g in enumerate(built.space.genes) if g.name in names]
         assert got == pytest.approx([want] * len(PROJ), rel=1e-6)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.6, 0.7])
+def test_uniform_allocation_sits_exactly_at_the_budgeted_level(built, target: float) -> None:
+    """``sparsity=s`` admits level s in every layer (zero counts round up, e.g. 0.7 x 48)."""
+    from searcher.budget import Budget
+    from searcher.problem import Problem
+
+    space = built.space
+    keep = tuple(tuple(g.keep) for g in space.genes)
+    levels = tuple(len(g.values) for g in space.genes)
+    problem = Problem(levels, space.cost_tables(), Budget.parse(f"sparsity={target}"), keep)
+    uniform = problem.uniform()
+    assert [space.genes[i].values[lv] for i, lv in enumerate(uniform)] == pytest.approx(
+        [target] * len(uniform)
+    )
+    fraction = problem.costs["nonzero"].cost(uniform) / problem.costs["nonzero"].dense()
+    assert 1 - target - 0.02 < fraction <= 1 - target

@@ -114,12 +114,28 @@ def load(
             path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, config=config
         )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SearcherError(f"cannot load the model from {source or name}: {first}") from None
+    except Exception as exc:  # whatever a user's files break, it is said in one line
+        log.debug("loading %s failed", source or name, exc_info=True)
+        raise SearcherError(f"cannot load the model from {source or name}: {_why(exc)}") from None
     model.to(device).eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, identity(model, name))
+
+
+def _why(exc: Exception) -> str:
+    """The reason a model directory did not load, in one line."""
+    import pickle
+
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        blocked = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), "")
+        return (
+            "its .bin weights are a pickle that would run code to load "
+            f"({blocked or 'not plain tensors'}); searcher loads pickles weights-only and never "
+            "runs their code: convert the weights to safetensors"
+        )
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _check_device(device: str) -> None:

@@ -30,6 +30,7 @@ from searcher.fitness import Evaluator
 from searcher.pool import LocalPool, Pool, ReplayPool
 from searcher.problem import Problem
 from searcher.results import front, plot_front, trials_frame, write_json
+from searcher.rundir import claimed
 from searcher.spec import RunSpec
 from searcher.store import (
     DEFAULT_FILE,
@@ -91,8 +92,7 @@ def open_session(
 
     Everything cheap is checked before the model loads, so bad input fails fast.
     """
-    if space not in spaces.SPACES:
-        raise SearcherError(f"unknown space {space!r}: choose one of {', '.join(spaces.SPACES)}")
+    spaces.check_options(space, space_options)
     text = data.read_text(data_source)
     if text_sha256 is not None and data.text_sha256(text[0]) != text_sha256:
         raise SearcherError(
@@ -248,7 +248,7 @@ def run(
         multi = ", ".join(n for n, a in ALGORITHMS.items() if a.multi_objective)
         raise SearcherError(f"--objectives {spec.objectives} needs one of --algo {multi}")
     stages = parse_stages(spec.stages)
-    full = stages[-1][0]
+    ALGORITHMS[spec.algo].check_settings(spec.to_dict())
     objectives = spec.objectives.split(",")
     timed = latency.wanted(spec, budget.metrics, objectives)
     latency_settings = latency.run_settings(spec) if timed else None  # checked before loading
@@ -258,11 +258,6 @@ def run(
         check_address(spec.address)  # an unreachable cluster fails before the model loads
     torch.set_num_threads(spec.threads)
     out = Path(spec.out) if spec.out else _default_out(spec)
-    previous: dict[str, Any] = {}
-    if resume:
-        previous = json.loads((out / "run.json").read_text(encoding="utf-8"))
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SearcherError(f"--out {out} exists and is not an empty directory: pick another")
     if spec.storage is not None and not resume:
         if has_password(spec.storage) and (spec.workers > 1 or spec.address is not None):
             raise SearcherError(
@@ -273,6 +268,23 @@ def run(
             spec.storage = str(Path(spec.storage).resolve())
         close_storage(open_storage(spec.storage))  # a bad URL fails before the model loads
 
+    with claimed(out, resume):  # one run per directory: a second one is refused here
+        previous = json.loads((out / "run.json").read_text(encoding="utf-8")) if resume else {}
+        return _search(
+            spec, out, previous, budget, stages, objectives, latency_settings, t_start,
+            on_progress, on_phase,
+        )  # fmt: skip
+
+
+def _search(
+    spec: RunSpec, out: Path, previous: dict[str, Any], budget: Budget,
+    stages: tuple[tuple[int, int], ...], objectives: list[str],
+    latency_settings: latency.LatencySettings | None, t_start: float,
+    on_progress: Callable[[Progress], None] | None, on_phase: Callable[[str], None],
+) -> RunResult:  # fmt: skip
+    """The search of ``run``, in the directory it has claimed."""
+    resume = bool(previous)
+    full = stages[-1][0]
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     on_phase("loading model, scoring importance")
@@ -308,7 +320,6 @@ def run(
 
     algorithm = ALGORITHMS[spec.algo].configure(problem, spec.seed, full, spec.to_dict())
 
-    out.mkdir(parents=True, exist_ok=True)
     header = config_header(session, spec)
     storage = previous.get("storage") or {
         "url": redacted(spec.storage) if spec.storage else DEFAULT_FILE,  # in the run dir
@@ -330,14 +341,18 @@ def run(
     }
     if lat is not None:
         run_info["latency"] = lat.info()
-    write_json(out / "run.json", run_info)
-    store = TrialStore(
+    if resume and spec.storage is None:
+        # Optuna's lock of the run's own journal, left by a kill mid-write, would stall the
+        # first write for its 30 s grace period; this process holds the run directory.
+        (out / f"{DEFAULT_FILE}.lock").unlink(missing_ok=True)
+    store = TrialStore(  # first: a study of that name elsewhere is refused before run.json
         located(spec.storage or storage["url"], out),
         storage["study"],
         problem.n_levels,
         len(objectives),
         resume,
     )
+    write_json(out / "run.json", run_info)
     logged = store.logged()
     t0 = time.perf_counter()
     on_phase("starting workers" if spec.workers > 1 or spec.address else f"searching ({spec.algo})")
@@ -518,10 +533,30 @@ def read_config(path: str, pick: int | None) -> dict[str, Any]:
     if not isinstance(config, dict) or "space" not in config or "model" not in config:
         raise SearcherError(f"{path} is not a searcher config (best.json or pareto.json)")
     if "front" in config:
+        entries = config["front"]
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise SearcherError(f"{path}: 'front' should be a list of configs")
+        for i, e in enumerate(entries):
+            _check_genes(e.get("genes"), f"{path} entry {i}")
         pick = 0 if pick is None else pick
-        if not isinstance(config["front"], list) or not 0 <= pick < len(config["front"]):
-            raise SearcherError(f"--pick {pick}: {path} has {len(config['front'])} entries")
-        return {**config, **config["front"][pick]}
+        if not 0 <= pick < len(entries):
+            raise SearcherError(f"--pick {pick}: {path} has {len(entries)} entries")
+        return {**config, **entries[pick]}
     if pick is not None:
         raise SearcherError(f"--pick applies to pareto.json; {path} holds a single config")
+    _check_genes(config.get("genes"), path)
     return config
+
+
+def _check_genes(genes: Any, where: str) -> None:
+    """Genes as the search wrote them: a list of level indices (whole numbers, not bools);
+    whether they fit the space is checked once the space is built."""
+    if genes is None:
+        raise SearcherError(f"{where} has no 'genes': it is not a searcher config")
+    if not isinstance(genes, list) or not all(
+        isinstance(g, int) and not isinstance(g, bool) for g in genes
+    ):
+        raise SearcherError(
+            f"{where}: 'genes' should be a list of whole-number level indices, got "
+            f"{json.dumps(genes)[:80]}: restore the file from the run"
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,8 @@ class RunSpec:
             if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
                 raise SearcherError(f"run setting {name} = {value!r} should be {_describe(kind)}")
         for name in _POSITIVE:
+            if not math.isfinite(values[name]):  # nan and inf pass every comparison below
+                raise SearcherError(f"--{name.replace('_', '-')} must be a finite number")
             if values[name] <= 0:
                 raise SearcherError(f"--{name.replace('_', '-')} must be at least 1")
         if values["seed"] < 0:
@@ -121,8 +124,11 @@ class RunSpec:
         try:
             text = Path(path).read_text(encoding="utf-8")
             values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError) as exc:
-            raise SearcherError(f"cannot read run config {path}: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise SearcherError(f"cannot read run config {path}: {_yaml_problem(exc)}") from None
+        except (OSError, ValueError) as exc:
+            reason = " ".join(str(exc).split())
+            raise SearcherError(f"cannot read run config {path}: {reason}") from None
         if not isinstance(values, dict):
             raise SearcherError(f"run config {path} must be a mapping of setting: value")
         return cls.from_dict(values)
@@ -144,6 +150,16 @@ _OPTIONAL = {"model", "data", "out", "address", "storage", "latency_device", "la
 _POSITIVE = ("evals", "offspring", "random_batch", "seq_len", "importance_windows",
              "validation_windows", "batch_size", "threads", "workers", "latency_batch",
              "latency_seq")  # fmt: skip
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one: the problem and where it is."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    if "constructor for the tag" in problem:  # e.g. !!python/object: never constructed
+        problem = f"{problem} (tags that build Python objects are not allowed)"
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
 
 
 def _describe(kind: type | tuple[type, ...]) -> str:

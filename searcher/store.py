@@ -14,7 +14,9 @@ append (1-2 ms for a new trial of 60 genes, measured), where Optuna's SQLite sto
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -71,14 +73,20 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     if "://" not in url:
         path = Path(url)
         if not path.parent.is_dir():
-            raise SearcherError(f"--storage {url}: directory {path.parent} does not exist")
+            raise SearcherError(f"trial journal {url}: directory {path.parent} does not exist")
+        if path.exists() and not path.is_file():  # /dev/full, a FIFO, a directory ...
+            raise SearcherError(
+                f"trial journal {url}: not a regular file; give a file path, or a database "
+                "URL such as sqlite:///PATH.db"
+            )
+        set_aside_torn_record(path)
         try:
             storage = JournalStorage(JournalFileBackend(str(path)))
             storage.get_all_studies()  # reads the file: a non-journal file fails here
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SearcherError(
-                f"--storage {url}: not a writable Optuna journal file ({type(exc).__name__}); "
-                "for a database give a URL such as sqlite:///PATH.db"
+                f"trial journal {url}: not a writable Optuna journal file "
+                f"({type(exc).__name__}); for a database give a URL such as sqlite:///PATH.db"
             ) from None
         return storage
     if scheme not in DATABASES:
@@ -95,6 +103,51 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         if scheme == "postgresql" and not has_password(url):
             hint = " (passwords are never kept in run.json: set PGPASSWORD or ~/.pgpass)"
         raise SearcherError(f"--storage {redacted(url)}: cannot open it: {reason}{hint}") from None
+
+
+def set_aside_torn_record(path: Path) -> Path | None:
+    """A journal whose last record was cut short (a crash in the middle of an append) is
+    cut back to its last complete record; the torn bytes are kept in a side file
+    ``JOURNAL.torn-OFFSET``, whose path is returned. Every complete record is kept.
+
+    Each record is one line of JSON written by one append, so a record is complete when its
+    newline is written; the bytes after the last newline are torn. A file that does not look
+    like a journal (a database given by mistake) is never touched.
+    """
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1  # 0 when no record is complete
+    if cut == len(data) or not _is_journal(data[:cut], data[cut:]):
+        return None
+    side = path.with_name(f"{path.name}.torn-{cut}")
+    with side.open("wb") as f:  # kept before the journal is cut, so no byte is ever lost
+        f.write(data[cut:])
+        f.flush()
+        os.fsync(f.fileno())
+    os.truncate(path, cut)
+    log.warning(
+        "%s: its last record was cut short (a crash while writing it); its %d bytes are set "
+        "aside in %s and the run goes on from the %d complete records",
+        path, len(data) - cut, side.name, data.count(b"\n", 0, cut),
+    )  # fmt: skip
+    return side
+
+
+def _is_journal(complete: bytes, torn: bytes) -> bool:
+    """Complete records of an Optuna journal, then the start of one more."""
+    start = b'{"op_code":'
+    if not (torn.startswith(start) or start.startswith(torn)):
+        return False
+    lines = complete.splitlines()
+    for line in lines[:1] + lines[-1:]:  # the first and the last say enough
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False
+        if not isinstance(record, dict) or "op_code" not in record:
+            return False
+    return True
 
 
 def close_storage(storage: optuna.storages.BaseStorage) -> None:

@@ -5,6 +5,9 @@ Adding a space is one module here and one entry in ``SPACES``; algorithms never 
 
 from __future__ import annotations
 
+import inspect
+import math
+import typing
 from typing import Any
 
 import torch
@@ -32,9 +35,7 @@ def build(
     options: dict[str, Any] | None = None,
 ) -> SearchSpace:
     """Build a space over a resident model; ``windows`` are calibration tokens for scoring."""
-    if name not in SPACES:
-        raise SearcherError(f"unknown space {name!r}: choose one of {', '.join(SPACES)}")
-    opts = dict(options or {})
+    opts = check_options(name, options)
     try:
         return SPACES[name](structure, seq_len, windows, batch_size=batch_size, **opts)
     except (TypeError, ValueError) as exc:
@@ -42,3 +43,35 @@ def build(
 
 
 __all__ = ["SPACES", "Gene", "SearchSpace", "Structure", "build"]
+
+
+# constructor arguments that are not options a user sets
+_BUILT_IN = {"self", "structure", "seq_len", "windows", "batch_size"}
+
+
+def check_options(name: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The space's name and its options' names and types, checked before any model loads
+    (ranges are the space's own business)."""
+    if name not in SPACES:
+        raise SearcherError(f"unknown space {name!r}: choose one of {', '.join(SPACES)}")
+    opts = dict(options or {})
+    init = SPACES[name].__init__
+    hints = typing.get_type_hints(init)
+    known = [p for p in inspect.signature(init).parameters if p not in _BUILT_IN]
+    for key, value in opts.items():
+        if key not in known:
+            raise SearcherError(
+                f"unknown option {key!r} for the {name} space: it takes "
+                f"{', '.join(known) or 'no options'}"
+            )
+        kind = hints.get(key)
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        ok = {
+            int: whole,
+            float: whole or isinstance(value, float) and math.isfinite(value),
+            bool: isinstance(value, bool),
+        }.get(kind, True)
+        if not ok:
+            what = {int: "a whole number", float: "a finite number", bool: "true or false"}[kind]
+            raise SearcherError(f"{name} space option {key} = {value!r} should be {what}")
+    return opts

@@ -49,6 +49,12 @@ class Algorithm(ABC):
         reads the ones it understands."""
         return cls(problem, seed, full_windows)
 
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, Any]) -> None:
+        """Refuse settings that cannot give a result, before any model is loaded (a
+        ``SearcherError``); what needs the problem is checked in ``configure``."""
+        return None
+
     @abstractmethod
     def ask(self) -> list[Request]:
         """The next batch to score; an empty list when the algorithm has nothing to ask."""

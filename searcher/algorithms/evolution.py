@@ -88,6 +88,27 @@ class Evolution(Algorithm):
             init = SEEDS[name].configure(problem, seed, full_windows, settings)
         return cls(problem, seed, full_windows, settings["offspring"], stages, init=init)
 
+    @classmethod
+    def check_settings(cls, settings):
+        """The first generation must reach its last stage within --evals: until then no
+        candidate is scored on all windows, and the run would end with nothing to show."""
+        if (settings.get("init") or "uniform") != "uniform":
+            return  # the seed allocation is scored on all windows first
+        stages = parse_stages(settings["stages"])
+        count, before, spent = settings["offspring"] + 1, 0, 0  # the parent is new too
+        for windows, survivors in stages[:-1]:
+            spent += count * (windows - before)
+            count, before = survivors, windows
+        full = stages[-1][0]
+        if settings["evals"] * full <= spent:
+            need = spent / full
+            raise SearcherError(
+                f"--evals {settings['evals']:g} is too few for evo: with --offspring "
+                f"{settings['offspring']} and --stages {settings['stages']} the first generation "
+                f"spends {need:g} evaluations before it scores any candidate on all {full} "
+                f"windows; raise --evals above {need:g}, or lower --offspring or --stages"
+            )
+
     def _children(self) -> list[Candidate]:
         kids: list[Candidate] = []
         seen = {self.parent}

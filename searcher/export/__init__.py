@@ -78,6 +78,10 @@ def evopress_text(config: dict[str, Any]) -> str:
         f"# searcher {config['space']['name']} config for {config['model']['source']}",
         "# module: level (0 = most compressed); what the level keeps follows after '#'",
     ]
+    if not isinstance(config.get("config"), dict) or len(config["config"]) != len(config["genes"]):
+        raise SearcherError(
+            "the config's 'config' and 'genes' do not match: restore it from the run"
+        )
     for (name, detail), level in zip(config["config"].items(), config["genes"], strict=True):
         meaning = {k: v for k, v in detail.items() if not k.startswith("kept_")}
         lines.append(f"{name}: {level}  # {json.dumps(meaning, sort_keys=True)}")
@@ -130,6 +134,7 @@ def export_config(
     if fmt not in FORMATS:
         raise SearcherError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
     out = Path(out)
+    _refuse_overwrite(config, Path(source), out, model)
     cfg = canonical(config)
     if fmt == "json":
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +170,25 @@ def export_config(
         return {"format": fmt, "out": str(out), **check}
     on_phase("building and checking the ONNX graphs")
     return {"format": fmt, "out": str(out), **export_onnx(pruned, session, out)}
+
+
+def _refuse_overwrite(config: dict[str, Any], source: Path, out: Path, model: str | None) -> None:
+    """``out`` may not be the model the config needs, the config itself, or its run."""
+    from searcher import models
+    from searcher.run import model_source
+    from searcher.rundir import refuse_overwrite
+
+    try:
+        model_dir = model_source(config, model)
+    except (KeyError, TypeError, AttributeError):
+        raise SearcherError(f"{source}: 'model' should name the model's source") from None
+    protected = [models.cache_root() if model_dir is None else Path(model_dir)]
+    if not source.is_dir():
+        protected.append(source)  # the config file being applied
+    run_dir = source if source.is_dir() else source.parent  # best.json's run, if it has one
+    if not (run_dir / "run.json").is_file():
+        run_dir = None
+    refuse_overwrite(out, run_dir, protected)
 
 
 def faithful(session: Any, genes: tuple[int, ...], model: Any) -> dict[str, Any]:

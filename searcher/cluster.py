@@ -14,6 +14,34 @@ from searcher.errors import SearcherError
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
+# how a machine gets a cluster's auth token, for the messages about a missing or wrong one
+COPY_TOKEN = (
+    "copy the head's token (`ray get-auth-token` on the head) into RAY_AUTH_TOKEN, a file named "
+    "by RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+)
+SET_TOKEN = f"{COPY_TOKEN}, and set RAY_AUTH_MODE=token"
+
+
+def token_source() -> str:
+    """Where Ray reads its auth token from here, in Ray's order of precedence."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return f"RAY_AUTH_TOKEN_PATH ({os.environ['RAY_AUTH_TOKEN_PATH']})"
+    return "~/.ray/auth_token"
+
+
+def no_token_error(address: str) -> SearcherError:
+    """Ray is in token mode here (RAY_AUTH_MODE=token) but finds no token to send."""
+    return SearcherError(
+        f"{address}: RAY_AUTH_MODE=token but there is no Ray auth token in {token_source()}: "
+        f"{COPY_TOKEN}"
+    )
+
+
+def wrong_token_hint() -> str:
+    """What to do when the cluster rejects the token Ray sent from here."""
+    return f"put the head's token (`ray get-auth-token` on the head) in {token_source()} instead"
 
 
 def check_address(address: str, schemes: tuple[str, ...] = ("ray",)) -> tuple[str, int] | None:
@@ -62,13 +90,7 @@ def connected(address: str | None, cpus: int, gpus: int = 0) -> Iterator[None]:
     if address == "local":
         address = None
     if address is not None:
-        check_address(address)
-        try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        except (ConnectionError, RuntimeError) as exc:
-            raise SearcherError(
-                f"--address {address}: cannot join the Ray cluster: {exc}"
-            ) from None
+        _join(address)
     else:
         # Ray's notice that it turned its token authentication on (it stays on) is not news
         logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
@@ -87,3 +109,25 @@ def connected(address: str | None, cpus: int, gpus: int = 0) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _join(address: str) -> None:
+    """Join the running cluster at ``address``, or fail with one line."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    check_address(address)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except AuthenticationError:
+        raise no_token_error(f"--address {address}") from None
+    except (ConnectionError, RuntimeError) as exc:
+        # a head that rejects the token (or gets none) only shows as a failed connection
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+            hint = f"if the head rejected this Ray auth token, {wrong_token_hint()}"
+        else:
+            hint = f"if the cluster wants Ray's auth token, {SET_TOKEN}"
+        reason = " ".join(str(exc).split())
+        raise SearcherError(
+            f"--address {address}: cannot join the Ray cluster ({reason}); {hint}"
+        ) from None

@@ -15,7 +15,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from searcher.cluster import check_address
+from searcher.cluster import (
+    SET_TOKEN,
+    check_address,
+    no_token_error,
+    token_source,
+    wrong_token_hint,
+)
 from searcher.errors import SearcherError
 from searcher.store import has_password
 
@@ -52,6 +58,19 @@ def runtime_env(working_dir: str, ship_requirements: bool = True) -> dict[str, A
     return env
 
 
+def auth_error(address: str, exc: Exception) -> SearcherError:
+    """One line for Ray's AuthenticationError: the job server's 401 or 403, or no token here."""
+    # Ray's message, without the paragraph of help that str() appends
+    message = getattr(exc, "message", str(exc))
+    if message.startswith("Authentication required"):  # 401: this client sent no token
+        return SearcherError(f"{address} wants Ray's auth token and got none: {SET_TOKEN}")
+    if message.startswith("Authentication failed"):  # 403: not the cluster's token
+        return SearcherError(
+            f"{address} rejected the Ray auth token in {token_source()}: {wrong_token_hint()}"
+        )
+    return no_token_error(address)
+
+
 def submit(
     address: str,
     args: list[str],
@@ -81,11 +100,8 @@ def submit(
             runtime_env=runtime_env(working_dir, ship_requirements),
             metadata={"tool": "searcher"},
         )
-    except AuthenticationError:
-        raise SearcherError(
-            f"{address} wants Ray's auth token: set RAY_AUTH_MODE=token and the cluster's token "
-            "in RAY_AUTH_TOKEN (or ~/.ray/auth_token)"
-        ) from None
+    except AuthenticationError as exc:
+        raise auth_error(address, exc) from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:300]
         raise SearcherError(f"submit to {address}: {reason}") from None

@@ -9,7 +9,8 @@ over blocks, so it plugs into a search space as one more ``CostTable``.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,19 +90,100 @@ class WorkloadTable:
         }
 
     @classmethod
-    def from_dict(cls, kind: str, d: Mapping[str, Any]) -> WorkloadTable:
-        c = d["correction"]
+    def from_dict(cls, kind: str, d: Any, where: str = "") -> WorkloadTable:
+        """A workload's table from its JSON; raises ``_Bad`` naming the entry (under ``where``)
+        that is missing, of the wrong type, or not a usable number."""
+        d = _object(d, where)
+        correction = _at(where, "correction")
+        c = _object(_entry(d, "correction", where), correction)
+        blocks: dict[str, dict[int, float]] = {}
+        for k, sizes in _object(_entry(d, "blocks", where), _at(where, "blocks")).items():
+            name = _at(where, f"blocks.{k}")
+            blocks[k] = {
+                _size(s, name): _ms(v, f"{name}.{s}") for s, v in _object(sizes, name).items()
+            }
+        fit = c.get("fit", [])
+        if not isinstance(fit, list):
+            raise _Bad(f"{correction}.fit", f"is {_type(fit)}, not a list")
         return cls(
-            workload=Workload(kind, int(d["batch"]), int(d["seq_len"])),
-            fixed_ms=float(d["fixed_ms"]),
-            blocks={
-                k: {int(s): float(v) for s, v in sizes.items()} for k, sizes in d["blocks"].items()
-            },  # fmt: skip
-            call_ms=float(d.get("call_ms", 0.0)),
-            scale=float(c["scale"]),
-            offset_ms=float(c["offset_ms"]),
-            fit=list(c.get("fit", [])),
+            workload=Workload(
+                kind,
+                _count(_entry(d, "batch", where), _at(where, "batch")),
+                _count(_entry(d, "seq_len", where), _at(where, "seq_len")),
+            ),
+            fixed_ms=_ms(_entry(d, "fixed_ms", where), _at(where, "fixed_ms")),
+            blocks=blocks,
+            call_ms=_ms(d.get("call_ms", 0.0), _at(where, "call_ms")),
+            scale=_number(
+                _entry(c, "scale", correction),
+                f"{correction}.scale",
+                lambda x: x > 0,
+                "a finite number above 0",
+            ),
+            offset_ms=_number(
+                _entry(c, "offset_ms", correction),
+                f"{correction}.offset_ms",
+                lambda x: True,
+                "a finite number of ms",
+            ),
+            fit=list(fit),
         )
+
+
+class _Bad(Exception):
+    """An entry of a table's JSON that cannot be used: ``entry`` (a dotted path) ``problem``."""
+
+    def __init__(self, entry: str, problem: str) -> None:
+        super().__init__(f"{entry} {problem}")
+
+
+def _at(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    return "null" if value is None else names.get(type(value), f"a {type(value).__name__}")
+
+
+def _object(value: Any, entry: str) -> dict[Any, Any]:
+    if not isinstance(value, dict):
+        raise _Bad(entry or "the table", f"is {_type(value)}, not an object")
+    return value
+
+
+def _entry(d: dict[Any, Any], key: str, where: str) -> Any:
+    if key not in d:
+        raise _Bad(_at(where, key), "is missing")
+    return d[key]
+
+
+def _number(value: Any, entry: str, ok: Callable[[float], bool], want: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Bad(entry, f"is {_type(value)}, not {want}")
+    x = float(value)
+    if not (math.isfinite(x) and ok(x)):
+        raise _Bad(entry, f"is {x!r}, not {want}")
+    return x
+
+
+def _ms(value: Any, entry: str) -> float:
+    return _number(value, entry, lambda x: x >= 0, "a latency (a finite number of ms, 0 or more)")
+
+
+def _count(value: Any, entry: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _Bad(entry, f"is {value!r}, not a whole number of at least 1")
+    return value
+
+
+def _size(key: Any, entry: str) -> int:
+    """A block size: a JSON object's keys are strings ("256"); a dict built in Python has ints."""
+    if isinstance(key, int) and not isinstance(key, bool) and key > 0:
+        return key
+    if isinstance(key, str) and key.isdecimal() and int(key) > 0:
+        return int(key)
+    raise _Bad(entry, f"has the size {key!r}, not a whole number above 0")
 
 
 @dataclass
@@ -162,29 +244,40 @@ class LatencyTable:
         tmp.replace(path)
 
     @classmethod
+    def from_dict(cls, d: Any, source: str = "the latency table") -> LatencyTable:
+        """A table from its JSON, refused (naming ``source`` and the entry) when an entry is
+        missing, of the wrong type, or not a usable number: a negative or non-finite block
+        time would otherwise price candidates at nonsense latencies."""
+        if isinstance(d, dict) and d.get("format") != FORMAT:
+            raise SearcherError(
+                f"{source} has format {d.get('format')!r}, not {FORMAT}: profile again with "
+                "this searcher"
+            )
+        try:
+            d = _object(d, "")
+            workloads = _object(_entry(d, "workloads", ""), "workloads")
+            return cls(
+                device=dict(_object(_entry(d, "device", ""), "device")),
+                model=dict(_object(_entry(d, "model", ""), "model")),
+                workloads={
+                    k: WorkloadTable.from_dict(k, w, f"workloads.{k}")
+                    for k, w in workloads.items()
+                    if k in KINDS
+                },  # fmt: skip
+                info=dict(_object(d.get("info", {}), "info")),
+            )
+        except _Bad as exc:
+            raise SearcherError(
+                f"{source} is unusable: {exc}; profile the device again with searcher profile"
+            ) from None
+
+    @classmethod
     def load(cls, path: str | Path) -> LatencyTable:
         try:
             d = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise SearcherError(f"cannot read latency table {path}: {exc}") from None
-        try:
-            if d.get("format") != FORMAT:
-                raise SearcherError(
-                    f"latency table {path} has format {d.get('format')!r}, not {FORMAT}: "
-                    "profile again with this searcher"
-                )
-            return cls(
-                device=dict(d["device"]),
-                model=dict(d["model"]),
-                workloads={
-                    k: WorkloadTable.from_dict(k, w)
-                    for k, w in d["workloads"].items()
-                    if k in KINDS
-                },  # fmt: skip
-                info=dict(d.get("info", {})),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise SearcherError(f"{path} is not a searcher latency table ({exc!r})") from None
+        return cls.from_dict(d, f"latency table {path}")
 
 
 def _differences(want: Mapping[str, Any], have: Mapping[str, Any]) -> str:

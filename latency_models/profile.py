@@ -121,8 +121,27 @@ def profile_workload(
     call, fixed = ms[0], ms[1]
     blocks: dict[str, dict[int, float]] = {}
     for (kind, size), t in zip(sizes, ms[2:]):
+        # Under noise a stack of small blocks can time below the empty call it contains; a
+        # negative block time would predict that keeping the block is faster than removing it.
         blocks.setdefault(kind, {})[size] = max(t - call, 0.0) / n
-    return WorkloadTable(workload, fixed, blocks, call)
+    return WorkloadTable(workload, fixed, {k: _nondecreasing(d) for k, d in blocks.items()}, call)
+
+
+def _nondecreasing(times: dict[int, float]) -> dict[int, float]:
+    """Block times made to grow with the block's size: where noise times a block faster than a
+    smaller one (blocks whose sizes differ little, on a busy machine), the sizes out of order
+    are pooled to their mean (isotonic regression). The search lowers a block's size to cut
+    latency, and cannot meet a budget on a table where that adds latency."""
+    sizes = sorted(times)
+    pools: list[tuple[float, int]] = []  # (sum of times, number of sizes), in size order
+    for size in sizes:
+        total, count = times[size], 1
+        while pools and pools[-1][0] / pools[-1][1] > total / count:
+            t, c = pools.pop()
+            total, count = total + t, count + c
+        pools.append((total, count))
+    pooled = [total / count for total, count in pools for _ in range(count)]
+    return dict(zip(sizes, pooled))
 
 
 def profile(

@@ -39,5 +39,10 @@ class CostTable:
         )
 
     def lower_deltas(self, genes: Sequence[int]) -> np.ndarray:
-        """Cost removed by lowering each gene one level (0 where it is already at the bottom)."""
-        return np.array([t[g] - t[g - 1] if g > 0 else 0.0 for t, g in zip(self.levels, genes)])
+        """Cost that lowering each gene can remove: down to its cheapest lower level (0 where
+        none is cheaper). Not just one level down: in a measured latency table neighbouring
+        levels can cost the same, and a repair that lowers only genes whose next level is
+        cheaper would stop over budget with cheaper levels further down."""
+        return np.array(
+            [max(t[g] - t[:g].min(), 0.0) if g > 0 else 0.0 for t, g in zip(self.levels, genes)]
+        )

@@ -17,8 +17,22 @@ from searcher.cli import main
 from searcher.rundir import claimed
 from searcher.store import open_storage, set_aside_torn_record
 
-ARGS = ["--seq-len", "32", "--importance-windows", "2", "--validation-windows", "2",
-        "--offspring", "4", "--stages", "1:2,2:1", "--threads", "1", "--seed", "5"]  # fmt: skip
+ARGS = [
+    "--seq-len",
+    "32",
+    "--importance-windows",
+    "2",
+    "--validation-windows",
+    "2",
+    "--offspring",
+    "4",
+    "--stages",
+    "1:2,2:1",
+    "--threads",
+    "1",
+    "--seed",
+    "5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +123,10 @@ def pickled_bin(d: Path, evil: bool) -> None:
         (d / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
 
 
+def _export(w: Where, fmt: str, out: Path) -> list[str]:
+    return ["export", str(w.run), "--format", fmt, "--out", str(out)]
+
+
 def _run(w: Where, *args: str, model: Path | None = None) -> list[str]:
     return ["run", "--model", str(model or w.model), "--out", str(w.tmp / "new"), *ARGS, *args]
 
@@ -132,7 +150,7 @@ CASES: list[tuple[str, Callable[[Where], list[str]], str]] = [
                 "apply",
                 lambda w, v=value: ["apply", str(w.edit_best(gene0=v)), "--out", str(w.tmp / "x")],
             ),
-        )  # fmt: skip
+        )
     ],
     ("genes-not-a-list", lambda w: ["eval", str(w.edit_best(genes="0,1"))], "'genes' should be"),
     # numbers that are not finite
@@ -142,12 +160,12 @@ CASES: list[tuple[str, Callable[[Where], list[str]], str]] = [
         "evals-nan-yaml",
         lambda w: ["run", "--config", str(w.text("c.yaml", "evals: .nan\n"))],
         "--evals must be a finite number",
-    ),  # fmt: skip
+    ),
     (
         "evals-inf-yaml",
         lambda w: ["run", "--config", str(w.text("c.yaml", "evals: .inf\n"))],
         "--evals must be a finite number",
-    ),  # fmt: skip
+    ),
     # evaluations too few for evo's first generation: refused before the model loads (the
     # model here would not load)
     (
@@ -162,7 +180,7 @@ CASES: list[tuple[str, Callable[[Where], list[str]], str]] = [
             str(w.tmp / "new"),
         ],
         "too few for evo",
-    ),  # fmt: skip
+    ),
     # space options: names and types are checked before the model loads
     (
         "space-option-nan",
@@ -177,7 +195,7 @@ CASES: list[tuple[str, Callable[[Where], list[str]], str]] = [
             model=w.model_copy("m", truncated_safetensors),
         ),
         "step = 'nan' should be a finite number",
-    ),  # fmt: skip
+    ),
     (
         "space-option-nan-yaml",
         lambda w: [
@@ -190,23 +208,23 @@ CASES: list[tuple[str, Callable[[Where], list[str]], str]] = [
             ),
         ],
         "step = nan should be a finite number",
-    ),  # fmt: skip
+    ),
     (
         "space-option-float-for-int",
         lambda w: _run(w, "--space-option", "mlp_steps=2.5"),
         "mlp_steps = 2.5 should be a whole number",
-    ),  # fmt: skip
+    ),
     (
         "space-option-unknown",
         lambda w: _run(w, "--space-option", "mlp_stepz=4"),
         "unknown option 'mlp_stepz' for the width space",
-    ),  # fmt: skip
+    ),
     # run configs
     (
         "yaml-syntax",
         lambda w: ["run", "--config", str(w.text("c.yaml", "budget: [flops\n"))],
         "cannot read run config",
-    ),  # fmt: skip
+    ),
     (
         "yaml-python-tag",
         lambda w: [
@@ -215,7 +233,7 @@ CASES: list[tuple[str, Callable[[Where], list[str]], str]] = [
             str(w.text("c.yaml", "budget: !!python/object/apply:os.system ['touch PWNED']\n")),
         ],
         "tags that build Python objects are not allowed",
-    ),  # fmt: skip
+    ),
     # trial storage that is not a file
     ("storage-device", lambda w: _run(w, "--storage", "/dev/full"), "not a regular file"),
     ("storage-directory", lambda w: _run(w, "--storage", str(w.tmp)), "not a regular file"),
@@ -224,22 +242,22 @@ CASES: list[tuple[str, Callable[[Where], list[str]], str]] = [
         "safetensors-truncated",
         lambda w: _run(w, model=w.model_copy("m", truncated_safetensors)),
         "SafetensorError",
-    ),  # fmt: skip
+    ),
     (
         "safetensors-garbled",
         lambda w: _run(w, model=w.model_copy("m", garbled_safetensors)),
         "SafetensorError",
-    ),  # fmt: skip
+    ),
     (
         "bin-runs-code",
         lambda w: _run(w, model=w.model_copy("m", lambda d: pickled_bin(d, evil=True))),
         "never runs their code",
-    ),  # fmt: skip
+    ),
     (
         "bin-truncated",
         lambda w: _run(w, model=w.model_copy("m", lambda d: pickled_bin(d, evil=False))),
         "cannot load the model",
-    ),  # fmt: skip
+    ),
     # one run, one directory
     (
         "second-run-other-settings",
@@ -261,28 +279,28 @@ CASES: list[tuple[str, Callable[[Where], list[str]], str]] = [
         "second-run-same-settings",
         lambda w: ["run", "--model", str(w.model), "--out", str(w.run), *ARGS],
         "not an empty directory",
-    ),  # fmt: skip
+    ),
     # exports never write over what a run or config depends on
     (
         "export-into-model",
-        lambda w: ["export", str(w.run), "--format", "pruned", "--out", str(w.model)],
+        lambda w: _export(w, "pruned", w.model),
         "which this config depends on",
-    ),  # fmt: skip
+    ),
     (
         "export-inside-model",
-        lambda w: ["export", str(w.run), "--format", "json", "--out", str(w.model / "config.json")],
+        lambda w: _export(w, "json", w.model / "config.json"),
         "which this config depends on",
-    ),  # fmt: skip
+    ),
     (
         "export-into-run",
-        lambda w: ["export", str(w.run), "--format", "pruned", "--out", str(w.run)],
+        lambda w: _export(w, "pruned", w.run),
         "would overwrite the run",
-    ),  # fmt: skip
+    ),
     (
         "export-over-best",
-        lambda w: ["export", str(w.run), "--format", "json", "--out", str(w.run / "best.json")],
+        lambda w: _export(w, "json", w.run / "best.json"),
         "would overwrite the run",
-    ),  # fmt: skip
+    ),
     (
         "apply-over-itself",
         lambda w: [
@@ -294,7 +312,7 @@ CASES: list[tuple[str, Callable[[Where], list[str]], str]] = [
             str(w.run / "best.json"),
         ],
         "depends on",
-    ),  # fmt: skip
+    ),
 ]
 
 
@@ -325,8 +343,10 @@ def test_a_run_in_progress_keeps_its_directory(
     """A second run, or a second resume, on a directory that a running run holds is refused
     before it writes anything (the holder here stands for a run in another process)."""
     fresh, started = tmp_path / "fresh", Path(shutil.copytree(done_run, tmp_path / "run"))
-    for out, argv in ((fresh, ["run", "--model", str(model_dir), "--out", str(fresh), *ARGS]),
-                      (started, ["run", "--resume", str(started)])):  # fmt: skip
+    for out, argv in (
+        (fresh, ["run", "--model", str(model_dir), "--out", str(fresh), *ARGS]),
+        (started, ["run", "--resume", str(started)]),
+    ):
         with claimed(out, resume=out == started):
             before = snapshot(out)
             code = main(argv)

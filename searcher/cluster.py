@@ -104,6 +104,9 @@ def connected(address: str | None, cpus: int, gpus: int = 0) -> Iterator[None]:
             object_store_memory=512 << 20,  # windows and the dense reference: tens of MB
             logging_level=logging.WARNING,
             log_to_driver=False,
+            # Ray starts workers at niceness 15, for workers that do light work beside others;
+            # ours are the work, and at 15 anything else busy on the machine starves them
+            _system_config={"worker_niceness": 0},
         )
     try:
         yield

@@ -3,14 +3,13 @@ on budget and scored exactly as the core's Evaluator scores it."""
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
 import pytest
-import ray
 
 from searcher.budget import Budget
+from searcher.cluster import connected
 from searcher.fitness import Evaluator
 from searcher.run import open_session, problem_for
 from searcher.spec import RunSpec
@@ -23,10 +22,8 @@ FULL = 2  # the last stage's windows
 def ray_local():
     """One new local Ray instance for the module ("local": not a ``ray start`` cluster that may
     be running on this machine)."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
-             log_to_driver=False, logging_level=logging.WARNING)  # fmt: skip
-    yield
-    ray.shutdown()
+    with connected(None, 2):  # as `searcher run --workers 2` starts one
+        yield
 
 
 def tiny_spec(tiny_dir: Path) -> RunSpec:

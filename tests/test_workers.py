@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 
 from searcher.cli import main
+from searcher.cluster import connected
 from searcher.errors import SearcherError
 from searcher.fitness import Evaluator
 from searcher.pool import Job, LocalPool
@@ -32,10 +32,8 @@ ARGS = ["--seq-len", "32", "--importance-windows", "2", "--validation-windows", 
 @pytest.fixture(scope="module")
 def ray_local():
     """One local Ray instance for the module (starting one takes seconds)."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
-             log_to_driver=False, logging_level=logging.WARNING)  # fmt: skip
-    yield
-    ray.shutdown()
+    with connected(None, 2):  # as `searcher run --workers 2` starts one
+        yield
 
 
 def test_two_workers_reach_the_one_worker_result(ray_local, tiny_dir: Path, tmp_path: Path):

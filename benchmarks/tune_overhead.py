@@ -54,12 +54,8 @@ class TimedTrainable(CandidateTrainable):
 def bench_pool(spec: RunSpec, cands: list[tuple[int, ...]]) -> dict[str, Any]:
     state = resident(spec)
     setup = WorkerSetup(
-        model=spec.model, device=spec.device, dtype=spec.dtype,
-        trust_remote_code=spec.trust_remote_code, space=spec.space,
-        space_options=spec.space_options, seq_len=spec.seq_len, batch_size=spec.batch_size,
-        importance_windows=spec.importance_windows, scored_windows=state.full,
-        fingerprint=state.session.space.fingerprint(), threads=spec.threads,
-    )  # fmt: skip
+        state.session.key, state.full, state.session.space.fingerprint(), spec.threads
+    )
     t0 = time.perf_counter()
     pool = RayPool(setup, state.session.windows.calibration, state.evaluator.reference(), 1)
     startup = time.perf_counter() - t0

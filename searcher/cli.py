@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -12,12 +13,96 @@ from typing import Any, NoReturn
 
 from searcher.errors import SearcherError
 from searcher.export import FORMATS
-from searcher.spec import PRESETS, RunSpec
+from searcher.spec import GROUPS, KINDS, PLACEMENT, RunSpec
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit status 2, no usage dump
         self.exit(2, f"searcher: error: {message} (see `{self.prog} --help`)\n")
+
+    def format_help(self) -> str:
+        """Help with the names it lists filled in (``{spaces}`` etc.) from the registries."""
+        templates = [a for a in self._actions if a.help and "{" in a.help]
+        names = _registry_names() if templates else {}
+        for action in templates:
+            action.help = action.help.format(**names, **_action_names(action))
+        return super().format_help()
+
+
+def _registry_names() -> dict[str, str]:
+    """The names help texts list, each from its registry (imported only to show help)."""
+    import spaces
+    from latency_models.backends import BACKENDS
+    from searcher.algorithms import ALGORITHMS, SEEDS
+    from searcher.budget import ABSOLUTE, KEYS
+    from searcher.models import DTYPES
+
+    defaults = RunSpec()
+    algorithms = ALGORITHMS.items()
+    baselines = [f"{n} ({a.spaces})" if a.spaces else n for n, a in algorithms if a.baseline]
+    budgets = ", ".join(f"{key}=R" for key in KEYS)
+    absolute = ", ".join(f"{key}=X" for key in ABSOLUTE)
+    return {
+        "spaces": " | ".join(spaces.SPACES),
+        "searches": _listing([n for n, a in algorithms if not a.baseline], defaults.algo),
+        "baselines": " | ".join(baselines),
+        "seeds": _listing(list(SEEDS), defaults.init),
+        "multi_objective": "/".join(n for n, a in algorithms if a.multi_objective),
+        "budgets": f"{budgets} (R: a fraction of dense), {absolute}",
+        "dtypes": " | ".join(DTYPES),
+        "latency_devices": " | ".join(BACKENDS),
+        "families": _families(),
+    }
+
+
+def _action_names(action: argparse.Action) -> dict[str, str]:
+    """A run setting's own names for its help: its default, the algorithms that read it."""
+    from searcher.algorithms import ALGORITHMS
+
+    readers = ", ".join(n for n, a in ALGORITHMS.items() if action.dest in a.reads)
+    return {"default": str(getattr(RunSpec(), action.dest, "")), "readers": readers}
+
+
+def _listing(names: list[str], default: str) -> str:
+    return " | ".join(f"{n} (default)" if n == default else n for n in names)
+
+
+def _families() -> str:
+    """The model families searcher supports, for --model's help."""
+    try:
+        from searcher.families import FAMILIES
+    except ImportError:  # a checkout from before the family registry
+        return ""
+    listed = []
+    for name, family in FAMILIES.items():
+        types = tuple(getattr(family, "model_types", ()))
+        listed.append(f"{name} ({', '.join(types)})" if types not in ((), (name,)) else name)
+    return f"; supported families: {', '.join(listed)}"
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    """A flag for every run setting, as ``RunSpec`` declares it (``searcher.spec.setting``).
+
+    Flags left out leave the setting unset (``SUPPRESS``), so a config file's value stands.
+    """
+    groups = {name: parser.add_argument_group(name, text) for name, text in GROUPS.items()}
+    for f in dataclasses.fields(RunSpec):
+        options = dict(f.metadata["flag"])
+        option = options.pop("option", f"--{f.name.replace('_', '-')}")
+        group = groups[f.metadata["group"]] if f.metadata["group"] else parser
+        group.add_argument(
+            option, dest=f.name, default=argparse.SUPPRESS, help=f.metadata["help"],
+            **_parsing(KINDS[f.name]), **options,
+        )  # fmt: skip
+
+
+def _parsing(kind: type) -> dict[str, Any]:
+    """How a flag parses a setting of type ``kind``."""
+    if kind is bool:
+        return {"action": "store_true"}
+    if kind is dict:  # repeated KEY=VALUE
+        return {"action": "append", "type": _space_option}
+    return {"type": kind} if kind in (int, float) else {}
 
 
 def _space_option(text: str) -> tuple[str, Any]:
@@ -46,86 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default=s, help="YAML/JSON file of run settings (flags win)")
     r.add_argument("--resume", default=s, metavar="RUN_DIR",
                    help="continue an interrupted run with its own settings")  # fmt: skip
-    r.add_argument("--model", default=s, help="local HF model directory (default: embedded)")
-    r.add_argument("--data", default=s, help=".txt or .jsonl calibration text (default: pydoc)")
-    r.add_argument("--space", default=s, help="width | depth | sparsity (default width)")
-    r.add_argument(
-        "--space-option", dest="space_options", action="append", type=_space_option, default=s,
-        metavar="KEY=VALUE", help="space setting, e.g. mlp_steps=8 (repeatable)",
-    )  # fmt: skip
-    r.add_argument(
-        "--budget",
-        default=s,
-        help="e.g. flops=0.5, params=0.6,flops=0.5, latency=0.5, latency_ms=120",
-    )
-    r.add_argument("--algo", default=s,
-                   help="evo (default) | random | tpe | gp | nsga2 | pymoo-ga | pymoo-nsga2; "
-                   "baselines: uniform | owl (sparsity) | flap (width) | additive")  # fmt: skip
-    r.add_argument(
-        "--init",
-        default=s,
-        help="evo's starting allocation: uniform (default) | owl | flap | additive",
-    )
-    r.add_argument("--objectives", default=s,
-                   help="kl, or kl,flops / kl,latency: a Pareto front "
-                   "(tpe/gp/nsga2/pymoo-nsga2)")  # fmt: skip
-    r.add_argument("--seed", type=int, default=s)
-    r.add_argument("--preset", default=s, choices=sorted(PRESETS), help="default: default")
-    r.add_argument("--evals", type=float, default=s,
-                   help="search budget in full-fidelity-equivalent evaluations")  # fmt: skip
-    r.add_argument("--offspring", type=int, default=s, help="evo: offspring per generation")
-    r.add_argument("--stages", default=s, help="evo: WINDOWS:SURVIVORS per stage, e.g. 1:4,4:1")
-    r.add_argument("--random-batch", type=int, default=s,
-                   help="random, tpe, gp, nsga2: candidates per batch")  # fmt: skip
-    r.add_argument("--seq-len", type=int, default=s, help="tokens per window")
-    r.add_argument("--importance-windows", type=int, default=s)
-    r.add_argument("--validation-windows", type=int, default=s)
-    r.add_argument("--batch-size", type=int, default=s, help="windows per forward pass")
-    r.add_argument("--device", default=s, help="cpu | cuda | cuda:N (default cpu)")
-    r.add_argument("--dtype", default=s, help="float32 | bfloat16 | float16 (default float32)")
-    r.add_argument(
-        "--threads",
-        type=int,
-        default=s,
-        help="torch threads per worker (default: the cores over the workers)",
-    )
-    r.add_argument(
-        "--workers",
-        type=int,
-        default=s,
-        help="parallel evaluations on Ray actors (default 1: in this process)",
-    )
-    r.add_argument("--address", default=s, metavar="ADDR",
-                   help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (local: a "
-                   "new local instance, even for one worker)")  # fmt: skip
-    r.add_argument("--storage", default=s, metavar="URL",
-                   help="Optuna storage of the trials: postgresql://USER@HOST/DB, "
-                   "sqlite:///PATH.db or a journal file (default: RUN_DIR/trials.journal)",
-                   )  # fmt: skip
-    r.add_argument("--out", default=s, help="run directory (default results/<run-id>)")
-    r.add_argument("--trust-remote-code", action="store_true", default=s,
-                   help="allow the model directory's own Python code to run")  # fmt: skip
-    lat = r.add_argument_group(
-        "latency", "used when --budget or --objectives name latency, or a latency device is given"
-    )
-    lat.add_argument("--latency-device", default=s, metavar="DEVICE",
-                     help="ort-cpu | torch-cpu | ort-cuda | torch-cuda (default: ort-cpu, "
-                     "torch-cuda with --device cuda)")  # fmt: skip
-    lat.add_argument("--latency", default=s, choices=("predicted", "measured"),
-                     help="predicted from the device's latency table (default), or measured "
-                     "for every candidate")  # fmt: skip
-    lat.add_argument("--latency-table", default=s, metavar="PATH",
-                     help="table from searcher profile (default: results/latency/"
-                     "<model>-<device>-b<B>-s<S>.json, profiled on first use)")  # fmt: skip
-    lat.add_argument("--workload", default=s, choices=("prefill", "decode"),
-                     help="the latency the budget limits (both are reported)")  # fmt: skip
-    lat.add_argument("--latency-batch", type=int, default=s, help="batch B (default 1)")
-    lat.add_argument("--latency-seq", type=int, default=s,
-                     help="prefill length / decode KV-cache length S (default 128)")  # fmt: skip
-    lat.add_argument("--latency-threads", type=int, default=s,
-                     help="threads the device runs with (default: every core)")  # fmt: skip
-    lat.add_argument("--allow-table-mismatch", action="store_true", default=s,
-                     help="use a table profiled on another device or software stack")  # fmt: skip
+    _add_settings(r)
 
     j = sub.add_parser(
         "submit", parents=[common],
@@ -143,9 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the searcher command to run")  # fmt: skip
 
     device = argparse.ArgumentParser(add_help=False)
-    device.add_argument(
-        "--device", default="ort-cpu", help="ort-cpu | torch-cpu | ort-cuda | torch-cuda"
-    )
+    device.add_argument("--device", default="ort-cpu", help="{latency_devices}")
     device.add_argument("--batch", type=int, default=1, help="workload batch B (default 1)")
     device.add_argument("--seq", type=int, default=128,
                         help="prefill length / decode KV-cache length S (default 128)")  # fmt: skip
@@ -153,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--model", help="local HF model directory (default: embedded)")
     device.add_argument("--trust-remote-code", action="store_true")
     shape = argparse.ArgumentParser(add_help=False)
-    shape.add_argument("--space", default="width", help="width | depth | sparsity")
+    shape.add_argument("--space", default="width", help="{spaces}")
     shape.add_argument(
         "--space-option", dest="space_options", action="append", type=_space_option,
         default=[], metavar="KEY=VALUE", help="space setting, e.g. mlp_steps=8 (repeatable)",
@@ -234,10 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# settings that change where evaluations run, never their results
-RESUME_FLAGS = {"threads", "workers", "address"}
-
-
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
@@ -262,10 +262,11 @@ def _run(args: argparse.Namespace) -> None:
     given = {
         k: v for k, v in vars(args).items() if k not in ("command", "verbose", "config", "resume")
     }
-    if "resume" in args and (set(given) - RESUME_FLAGS or "config" in args):
+    if "resume" in args and (set(given) - set(PLACEMENT) or "config" in args):
+        flags = [f"--{name.replace('_', '-')}" for name in PLACEMENT]
         raise SearcherError(
-            "--resume takes the run's own settings: drop all flags but --threads, --workers "
-            "and --address"
+            "--resume takes the run's own settings: drop all flags but "
+            f"{', '.join(flags[:-1])} and {flags[-1]}"
         )
     base = RunSpec.from_file(args.config).to_dict() if "config" in args else {}
     if "space_options" in given:  # flags add to (and win over) the file's space options

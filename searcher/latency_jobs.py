@@ -24,7 +24,7 @@ from searcher.latency import (
     workload_report,
 )
 from searcher.results import write_json
-from searcher.run import Session, open_session, read_config, session_of_config
+from searcher.run import Session, SessionKey, open_session, read_config, session_of_config
 
 # The space is built only to know its block sizes: a short ranking pass is enough.
 _RANK = {"seq_len": 128, "calibration": 2, "validation": 1, "importance": 2}
@@ -36,8 +36,10 @@ def _session(
 ) -> Session:  # fmt: skip
     r = _RANK
     return open_session(
-        model, data, space, dict(space_options or {}), r["seq_len"], r["calibration"],
-        r["validation"], r["importance"], 2, "cpu", "float32", trust_remote_code,
+        SessionKey(
+            model, data, space, dict(space_options or {}), r["seq_len"], r["calibration"],
+            r["validation"], r["importance"], 2, "cpu", "float32", trust_remote_code,
+        )
     )  # fmt: skip
 
 

@@ -1,4 +1,9 @@
-"""A whole search run, and scoring a saved config: the functions behind the CLI."""
+"""A whole search run, and scoring a saved config: the functions behind the CLI.
+
+A run reads as ``prepare`` (settings checked before anything loads), ``_load`` (model,
+space, latency, dense reference), ``_search`` (recorded in run.json, each score stored as it
+comes) and ``_report`` (validation and the result files); see ``run``.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,12 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, fields, replace
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -22,15 +28,15 @@ import spaces
 from latency_models.backends import cpu_name
 from latency_models.table import CostTable
 from searcher import data, latency, models
-from searcher.algorithms import ALGORITHMS, SEEDS, parse_stages
+from searcher.algorithms import ALGORITHMS, SEEDS, Algorithm, parse_stages
 from searcher.budget import Budget
 from searcher.engine import Engine, Progress, Trial
 from searcher.errors import SearcherError
 from searcher.fitness import Evaluator
-from searcher.pool import LocalPool, Pool, ReplayPool
-from searcher.problem import Problem
+from searcher.pool import LocalPool, Outcome, Pool, ReplayPool
+from searcher.problem import Candidate, Problem
 from searcher.results import front, plot_front, trials_frame, write_json
-from searcher.rundir import claimed
+from searcher.rundir import RunDir, claimed
 from searcher.spec import RunSpec
 from searcher.store import (
     DEFAULT_FILE,
@@ -54,14 +60,77 @@ class RunResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class SessionKey:
+    """What a scoring session is built from: the model, the text's windows, the space.
+
+    Equal keys build the same session (``open_session``): a key is what Ray workers get to
+    rebuild the driver's session, and what ``searcher.tune`` caches loaded sessions by.
+    """
+
+    model: str | None  # None: the embedded model
+    data: str | None  # None: the built-in text
+    space: str
+    space_options: dict[str, Any]
+    seq_len: int
+    calibration: int  # calibration windows: the scored ones and the importance pass's
+    validation: int
+    importance: int  # the first calibration windows rank the units the space removes
+    batch_size: int
+    device: str
+    dtype: str
+    trust_remote_code: bool
+    text_sha256: str | None = None  # rebuilding a saved config: the text must be unchanged
+
+    def __hash__(self) -> int:  # (the options are a mapping: hashed by content)
+        return hash(tuple(_hashable(getattr(self, f.name)) for f in fields(self)))
+
+    @classmethod
+    def of(cls, spec: RunSpec, full: int) -> SessionKey:
+        """The session a search of ``spec`` (resolved) scores in; ``full`` windows per
+        evaluation."""
+        return cls(
+            spec.model, spec.data, spec.space, spec.space_options, spec.seq_len,
+            max(full, spec.importance_windows), spec.validation_windows, spec.importance_windows,
+            spec.batch_size, spec.device, spec.dtype, spec.trust_remote_code,
+        )  # fmt: skip
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
 @dataclass
 class Session:
     """A loaded model with its calibration windows and a space built over it."""
 
+    key: SessionKey
     loaded: models.LoadedModel
     windows: data.Windows
     space: spaces.SearchSpace
-    importance_windows: int
+
+
+class Timings:
+    """Wall-clock seconds of a run: in all, and of each phase timed with ``phase``."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.phases[name] = time.perf_counter() - t0
+
+    def finish(self) -> float:
+        """The run's seconds so far, recorded as the phase ``total``."""
+        self.phases["total"] = time.perf_counter() - self.start
+        return self.phases["total"]
 
 
 def versions() -> dict[str, str]:
@@ -82,39 +151,27 @@ def hardware(device: str, threads: int) -> dict[str, Any]:
     return info
 
 
-def open_session(
-    model: str | None, data_source: str | None, space: str, space_options: dict[str, Any],
-    seq_len: int, calibration: int, validation: int, importance: int,
-    batch_size: int, device: str, dtype: str, trust_remote_code: bool,
-    text_sha256: str | None = None,
-) -> Session:  # fmt: skip
-    """Load the model, cut the windows and build the space: shared by run and eval.
+def open_session(key: SessionKey) -> Session:
+    """Load the model, cut the windows and build the space of ``key``: shared by run, eval
+    and the latency jobs.
 
     Everything cheap is checked before the model loads, so bad input fails fast.
     """
-    spaces.check_options(space, space_options)
-    text = data.read_text(data_source)
-    if text_sha256 is not None and data.text_sha256(text[0]) != text_sha256:
+    spaces.check_options(key.space, key.space_options)
+    text = data.read_text(key.data)
+    if key.text_sha256 is not None and data.text_sha256(text[0]) != key.text_sha256:
         raise SearcherError(
             f"the calibration text {text[1]} has changed since the run, so the neurons, heads "
             "or masks the run chose cannot be rebuilt from it"
         )
-    loaded = models.load(model, device, dtype, trust_remote_code)
+    loaded = models.load(key.model, key.device, key.dtype, key.trust_remote_code)
     structure = spaces.Structure.of(loaded.model)
-    win = data.windows(loaded.tokenizer, text, seq_len, calibration, validation)
+    win = data.windows(loaded.tokenizer, text, key.seq_len, key.calibration, key.validation)
     built = spaces.build(
-        space, structure, seq_len, win.calibration[:importance], batch_size, space_options
-    )
-    return Session(loaded, win, built, importance)
-
-
-def session_for(spec: RunSpec, full: int) -> Session:
-    """The session a search of ``spec`` (resolved) scores in; ``full`` windows per evaluation."""
-    return open_session(
-        spec.model, spec.data, spec.space, spec.space_options, spec.seq_len,
-        max(full, spec.importance_windows), spec.validation_windows, spec.importance_windows,
-        spec.batch_size, spec.device, spec.dtype, spec.trust_remote_code,
+        key.space, structure, key.seq_len, win.calibration[: key.importance], key.batch_size,
+        key.space_options,
     )  # fmt: skip
+    return Session(key, loaded, win, built)
 
 
 def problem_for(
@@ -144,7 +201,7 @@ def config_header(session: Session, spec: RunSpec) -> dict[str, Any]:
         },
         "data": {
             **session.windows.spec,
-            "importance_windows": session.importance_windows,
+            "importance_windows": session.key.importance,
             "batch_size": spec.batch_size,
         },
         "budget": spec.budget,
@@ -172,16 +229,10 @@ def scoring_pool(spec: RunSpec, session: Session, evaluator: Evaluator) -> Itera
     from searcher import cluster
     from searcher.workers import RayPool, WorkerSetup
 
-    model = spec.model
-    if model is not None and Path(model).exists():
-        model = str(Path(model).resolve())  # workers need not share the driver's cwd
-    setup = WorkerSetup(
-        model=model, device=spec.device, dtype=spec.dtype,
-        trust_remote_code=spec.trust_remote_code, space=spec.space,
-        space_options=spec.space_options, seq_len=spec.seq_len, batch_size=spec.batch_size,
-        importance_windows=session.importance_windows, scored_windows=evaluator.n_windows,
-        fingerprint=session.space.fingerprint(), threads=spec.threads,
-    )  # fmt: skip
+    key = session.key
+    if key.model is not None and Path(key.model).exists():
+        key = replace(key, model=str(Path(key.model).resolve()))  # workers have their own cwd
+    setup = WorkerSetup(key, evaluator.n_windows, session.space.fingerprint(), spec.threads)
     gpus = torch.cuda.device_count() if spec.device.startswith("cuda") else 0
     with cluster.connected(spec.address, spec.workers * spec.threads, gpus):
         pool = RayPool(setup, session.windows.calibration, evaluator.reference(), spec.workers)
@@ -204,23 +255,20 @@ def resume(
 ) -> RunResult:
     """Continue an interrupted run (killed, or stopped with Ctrl-C) from its directory.
 
-    ``placement`` may change threads, workers and address: where evaluations run, not what
-    they return.
+    ``placement`` may change the settings of ``searcher.spec.PLACEMENT`` (threads, workers,
+    address): where evaluations run, not what they return.
     """
-    info = Path(run_dir) / "run.json"
     try:
-        values = json.loads(info.read_text(encoding="utf-8"))["spec"]
+        values = RunDir(Path(run_dir)).read_info()["spec"]
     except (OSError, ValueError, KeyError, TypeError):
         raise SearcherError(
             f"--resume {run_dir}: no readable run.json there; pass a run directory that "
             "`searcher run` made"
         ) from None
-    spec = RunSpec.from_dict(values)
-    spec.out = str(Path(run_dir))
-    for key, value in placement.items():
-        setattr(spec, key, value)
+    changes = dict(placement)
     if "workers" in placement and "threads" not in placement:
-        spec.threads = None  # re-derive threads per worker from the new worker count
+        changes["threads"] = None  # re-derive threads per worker from the new worker count
+    spec = replace(RunSpec.from_dict(values), out=str(Path(run_dir)), **changes)
     return run(spec, on_progress, on_phase, resume=True)
 
 
@@ -235,9 +283,54 @@ def run(
     With ``resume``, ``spec.out`` is an interrupted run's directory: its logged scores are
     replayed (see ``ReplayPool``) and the search goes on from where it stopped.
     """
-    t_start = time.perf_counter()
+    timings = Timings()
+    plan = prepare(spec, resume)
+    with claimed(plan.dir.path, resume):  # one run per directory: a second one is refused here
+        previous = plan.dir.read_info() if resume else {}
+        loaded = _load(plan, previous, timings, on_phase)
+        searched = _search(plan, loaded, previous, timings, on_progress, on_phase)
+        return _report(plan, loaded, searched, timings, on_phase)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's settings, resolved and checked before anything loads, and its directory."""
+
+    spec: RunSpec
+    budget: Budget
+    stages: tuple[tuple[int, int], ...]
+    objectives: tuple[str, ...]
+    latency_settings: latency.LatencySettings | None  # None: the run times no candidate
+    dir: RunDir
+
+    @property
+    def full(self) -> int:
+        """Windows of a full-fidelity evaluation: the last stage's."""
+        return self.stages[-1][0]
+
+
+def prepare(spec: RunSpec, resume: bool = False) -> Plan:
+    """``spec`` resolved, and everything checked that can be before the model loads."""
     spec = spec.resolved()
     budget = Budget.parse(spec.budget)
+    _check_algorithm(spec)
+    stages = parse_stages(spec.stages)
+    ALGORITHMS[spec.algo].check_settings(spec.to_dict())
+    objectives = tuple(spec.objectives.split(","))
+    timed = latency.wanted(spec, budget.metrics, objectives)
+    latency_settings = latency.run_settings(spec) if timed else None
+    if spec.address is not None:
+        from searcher.cluster import check_address
+
+        check_address(spec.address)  # an unreachable cluster fails before the model loads
+    torch.set_num_threads(spec.threads)
+    out = Path(spec.out) if spec.out else _default_out(spec)
+    if spec.storage is not None and not resume:
+        spec = _checked_storage(spec)
+    return Plan(spec, budget, stages, objectives, latency_settings, RunDir(out))
+
+
+def _check_algorithm(spec: RunSpec) -> None:
     if spec.algo not in ALGORITHMS:
         raise SearcherError(f"unknown --algo {spec.algo!r}: choose one of {', '.join(ALGORITHMS)}")
     if spec.init not in SEEDS:
@@ -247,203 +340,268 @@ def run(
     if spec.objectives != "kl" and not ALGORITHMS[spec.algo].multi_objective:
         multi = ", ".join(n for n, a in ALGORITHMS.items() if a.multi_objective)
         raise SearcherError(f"--objectives {spec.objectives} needs one of --algo {multi}")
-    stages = parse_stages(spec.stages)
-    ALGORITHMS[spec.algo].check_settings(spec.to_dict())
-    objectives = spec.objectives.split(",")
-    timed = latency.wanted(spec, budget.metrics, objectives)
-    latency_settings = latency.run_settings(spec) if timed else None  # checked before loading
-    if spec.address is not None:
-        from searcher.cluster import check_address
 
-        check_address(spec.address)  # an unreachable cluster fails before the model loads
-    torch.set_num_threads(spec.threads)
-    out = Path(spec.out) if spec.out else _default_out(spec)
-    if spec.storage is not None and not resume:
-        if has_password(spec.storage) and (spec.workers > 1 or spec.address is not None):
-            raise SearcherError(
-                "--storage: Ray records this command line where the cluster can see it; give "
-                "the password with PGPASSWORD or ~/.pgpass, not in the URL"
-            )
-        if "://" not in spec.storage:  # a journal file given relative to where the user is
-            spec.storage = str(Path(spec.storage).resolve())
-        close_storage(open_storage(spec.storage))  # a bad URL fails before the model loads
 
-    with claimed(out, resume):  # one run per directory: a second one is refused here
-        previous = json.loads((out / "run.json").read_text(encoding="utf-8")) if resume else {}
-        return _search(
-            spec, out, previous, budget, stages, objectives, latency_settings, t_start,
-            on_progress, on_phase,
+def _checked_storage(spec: RunSpec) -> RunSpec:
+    """``spec`` with its --storage opened once (a bad URL fails before the model loads)."""
+    assert spec.storage is not None
+    if has_password(spec.storage) and (spec.workers > 1 or spec.address is not None):
+        raise SearcherError(
+            "--storage: Ray records this command line where the cluster can see it; give "
+            "the password with PGPASSWORD or ~/.pgpass, not in the URL"
+        )
+    if "://" not in spec.storage:  # a journal file given relative to where the user is
+        spec = replace(spec, storage=str(Path(spec.storage).resolve()))
+    close_storage(open_storage(spec.storage))
+    return spec
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a run scores with, loaded once its directory is claimed."""
+
+    spec: RunSpec  # the plan's, naming the latency table the run uses
+    session: Session
+    problem: Problem  # its budget: the plan's, absolute limits now fractions of dense
+    evaluator: Evaluator  # full fidelity, on the calibration windows
+    algorithm: Algorithm
+    lat: latency.RunLatency | None
+
+
+def _load(
+    plan: Plan, previous: dict[str, Any], timings: Timings, on_phase: Callable[[str], None]
+) -> Loaded:
+    """The model, space, latency model and dense reference; ``previous``: the interrupted
+    run's run.json ({} for a new run)."""
+    spec = plan.spec
+    with timings.phase("load_and_importance"):
+        on_phase("loading model, scoring importance")
+        session = open_session(SessionKey.of(spec, plan.full))
+    identity = session.loaded.identity
+    if previous and not models.same_model(identity, previous.get("model", {})):
+        raise SearcherError(
+            f"--resume {plan.dir.path}: that run belongs to another model "
+            f"({previous.get('model', {}).get('source')}), not {identity['source']}"
+        )
+    space = session.space
+    latency.refuse_untimed(space, plan.budget.metrics)
+    lat: latency.RunLatency | None = None
+    if plan.latency_settings is not None:
+        with timings.phase("latency_setup"):
+            lat = _open_latency(plan, session, previous, on_phase)
+        spec = replace(spec, latency_table=str(lat.path))  # run.json names it, for a resume
+    problem = problem_for(space, plan.budget, {"latency": lat.costs(space)} if lat else None)
+    if lat is not None:
+        lat.limit = problem.budget.limits.get("latency")
+    with timings.phase("dense_reference"):
+        on_phase("dense reference")
+        evaluator = Evaluator(
+            session.loaded.model, session.windows.calibration[: plan.full], space.apply,
+            space.dense(), spec.batch_size,
         )  # fmt: skip
+    algorithm = ALGORITHMS[spec.algo].configure(problem, spec.seed, plan.full, spec.to_dict())
+    return Loaded(spec, session, problem, evaluator, algorithm, lat)
+
+
+def _open_latency(
+    plan: Plan, session: Session, previous: dict[str, Any], on_phase: Callable[[str], None]
+) -> latency.RunLatency:
+    assert plan.latency_settings is not None
+    scratch = SimpleNamespace(**plan.spec.to_dict())  # it sets the table it chose on the spec
+    return latency.open_run_latency(
+        scratch, plan.latency_settings, session.space, session.loaded.identity, plan.dir.path,
+        previous.get("latency", {}).get("table_sha256"), on_phase,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Searched:
+    engine: Engine
+    info: dict[str, Any]  # run.json as the search started
+    replayed_windows: int  # scores read back from an interrupted run's store
+    retries: int  # evaluations repeated because a worker died
 
 
 def _search(
-    spec: RunSpec, out: Path, previous: dict[str, Any], budget: Budget,
-    stages: tuple[tuple[int, int], ...], objectives: list[str],
-    latency_settings: latency.LatencySettings | None, t_start: float,
+    plan: Plan, loaded: Loaded, previous: dict[str, Any], timings: Timings,
     on_progress: Callable[[Progress], None] | None, on_phase: Callable[[str], None],
-) -> RunResult:  # fmt: skip
-    """The search of ``run``, in the directory it has claimed."""
-    resume = bool(previous)
-    full = stages[-1][0]
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    on_phase("loading model, scoring importance")
-    session = session_for(spec, full)
-    timings["load_and_importance"] = time.perf_counter() - t0
-    if resume and not models.same_model(session.loaded.identity, previous.get("model", {})):
-        raise SearcherError(
-            f"--resume {out}: that run belongs to another model "
-            f"({previous.get('model', {}).get('source')}), not {session.loaded.identity['source']}"
-        )
-    space = session.space
-    latency.refuse_untimed(space, budget.metrics)
-    lat: latency.RunLatency | None = None
-    if latency_settings is not None:
-        t0 = time.perf_counter()
-        lat = latency.open_run_latency(
-            spec, latency_settings, space, session.loaded.identity, out,
-            previous.get("latency", {}).get("table_sha256"), on_phase,
-        )  # fmt: skip
-        timings["latency_setup"] = time.perf_counter() - t0
-    problem = problem_for(space, budget, {"latency": lat.costs(space)} if lat else None)
-    budget = problem.budget  # absolute limits (latency_ms) now fractions of dense
-    if lat is not None:
-        lat.limit = budget.limits.get("latency")
-
-    t0 = time.perf_counter()
-    on_phase("dense reference")
-    evaluator = Evaluator(
-        session.loaded.model, session.windows.calibration[:full], space.apply, space.dense(),
-        spec.batch_size,
-    )  # fmt: skip
-    timings["dense_reference"] = time.perf_counter() - t0
-
-    algorithm = ALGORITHMS[spec.algo].configure(problem, spec.seed, full, spec.to_dict())
-
-    header = config_header(session, spec)
+) -> Searched:  # fmt: skip
+    """Record the run in run.json, then search, each score stored as it comes."""
+    spec = loaded.spec
     storage = previous.get("storage") or {
         "url": redacted(spec.storage) if spec.storage else DEFAULT_FILE,  # in the run dir
-        "study": out.resolve().name,
+        "study": plan.dir.path.resolve().name,
     }
-    run_info: dict[str, Any] = {
-        "spec": {**spec.to_dict(), "storage": redacted(spec.storage) if spec.storage else None},
-        "storage": storage,
-        "status": "running",
-        "started": previous.get("started") or dt.datetime.now().isoformat(timespec="seconds"),
-        "resumed": [*previous.get("resumed", []), dt.datetime.now().isoformat(timespec="seconds")]
-        if resume
-        else [],
-        "versions": versions(),
-        "hardware": {**hardware(spec.device, spec.threads), "workers": spec.workers},
-        "model": session.loaded.identity,
-        "data": header["data"],
-        "dense": {k: t.dense() for k, t in problem.costs.items()},
-    }
-    if lat is not None:
-        run_info["latency"] = lat.info()
-    if resume and spec.storage is None:
+    info = _run_info(loaded, previous, storage)
+    if previous and spec.storage is None:
         # Optuna's lock of the run's own journal, left by a kill mid-write, would stall the
         # first write for its 30 s grace period; this process holds the run directory.
-        (out / f"{DEFAULT_FILE}.lock").unlink(missing_ok=True)
+        plan.dir.journal_lock.unlink(missing_ok=True)
     store = TrialStore(  # first: a study of that name elsewhere is refused before run.json
-        located(spec.storage or storage["url"], out),
+        located(spec.storage or storage["url"], plan.dir.path),
         storage["study"],
-        problem.n_levels,
-        len(objectives),
-        resume,
+        loaded.problem.n_levels,
+        len(plan.objectives),
+        bool(previous),
     )
-    write_json(out / "run.json", run_info)
+    write_json(plan.dir.info, info)
     logged = store.logged()
-    t0 = time.perf_counter()
-    on_phase("starting workers" if spec.workers > 1 or spec.address else f"searching ({spec.algo})")
+    full, objectives = plan.full, plan.objectives
     try:
-        with scoring_pool(spec, session, evaluator) as scorer:
-            pool = ReplayPool(scorer, logged)  # with nothing logged it just delegates
-            engine = Engine(
-                problem, algorithm, pool, spec.evals, store.append, on_progress or (lambda p: None),
-                lat.measure if lat is not None and spec.latency == "measured" else None,
-            )  # fmt: skip
-            timings["workers_start"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            on_phase(f"searching ({spec.algo})")
-            engine.run()
-            timings["search"] = time.perf_counter() - t0  # without stopping the workers
-            retries = getattr(scorer, "retries", 0)
+        engine, replayed, retries = _scored(loaded, logged, store, timings, on_progress, on_phase)
         store.finish(
             engine.trials.values(), full,
             lambda t: [t.fitness(full), *(t.fractions[m] for m in objectives[1:])],
         )  # fmt: skip
     finally:
         store.close()
+    return Searched(engine, info, replayed, retries)
+
+
+def _scored(
+    loaded: Loaded, logged: dict[Candidate, Outcome], store: TrialStore, timings: Timings,
+    on_progress: Callable[[Progress], None] | None, on_phase: Callable[[str], None],
+) -> tuple[Engine, int, int]:  # fmt: skip
+    """Start the workers and search: the engine, the windows replayed from ``logged`` and
+    the worker retries."""
+    spec, lat = loaded.spec, loaded.lat
+    measure = lat.measure if lat is not None and spec.latency == "measured" else None
+    with ExitStack() as stack:
+        with timings.phase("workers_start"):
+            many = spec.workers > 1 or spec.address
+            on_phase("starting workers" if many else f"searching ({spec.algo})")
+            scorer = stack.enter_context(scoring_pool(spec, loaded.session, loaded.evaluator))
+            pool = ReplayPool(scorer, logged)  # with nothing logged it just delegates
+            engine = Engine(
+                loaded.problem, loaded.algorithm, pool, spec.evals, store.append,
+                on_progress or (lambda p: None), measure,
+            )  # fmt: skip
+        with timings.phase("search"):  # without stopping the workers
+            on_phase(f"searching ({spec.algo})")
+            engine.run()
+        return engine, pool.replayed_windows, getattr(scorer, "retries", 0)
+
+
+def _run_info(loaded: Loaded, previous: dict[str, Any], storage: dict[str, Any]) -> dict[str, Any]:
+    """run.json as a run (or a resume) starts."""
+    spec, session = loaded.spec, loaded.session
+    now = dt.datetime.now().isoformat(timespec="seconds")
+    info: dict[str, Any] = {
+        "spec": {**spec.to_dict(), "storage": redacted(spec.storage) if spec.storage else None},
+        "storage": storage,
+        "status": "running",
+        "started": previous.get("started") or now,
+        "resumed": [*previous.get("resumed", []), now] if previous else [],
+        "versions": versions(),
+        "hardware": {**hardware(spec.device, spec.threads), "workers": spec.workers},
+        "model": session.loaded.identity,
+        "data": config_header(session, spec)["data"],
+        "dense": {k: t.dense() for k, t in loaded.problem.costs.items()},
+    }
+    if loaded.lat is not None:
+        info["latency"] = loaded.lat.info()
+    return info
+
+
+def _report(
+    plan: Plan, loaded: Loaded, searched: Searched, timings: Timings,
+    on_phase: Callable[[str], None],
+) -> RunResult:  # fmt: skip
+    """Validate the best candidate; write the result files and the finished run.json."""
+    engine, full, info = searched.engine, plan.full, searched.info
     best = engine.best()
     if best is None:
         raise SearcherError("the search scored no candidate at full fidelity: raise --evals")
-
-    t0 = time.perf_counter()
-    on_phase("validating best")
-    validator = Evaluator(
-        session.loaded.model, session.windows.validation, space.apply, space.dense(),
-        spec.batch_size,
-    )  # fmt: skip
-    val = validator.score(best.candidate, 0, validator.n_windows)
-    timings["validation"] = time.perf_counter() - t0
-
+    with timings.phase("validation"):
+        on_phase("validating best")
+        validation = _validation(loaded, best)
     on_phase("writing results")
     trials = sorted(engine.trials.values(), key=lambda t: t.number)
-    fidelities = sorted({w for w, _ in stages})
-    trials_frame(trials, fidelities).to_parquet(out / "trials.parquet", index=False)
-    # the front's cost axis: the searched cost objective, else FLOPs unless the budget limits
-    # something else (sparsity)
-    if len(objectives) > 1:
-        metric = objectives[1]
-    else:
-        metric = "flops" if "flops" in budget.limits else next(iter(budget.limits))
-    front_trials = front(trials, full, metric)
-    entries = [entry(space, t, full) for t in front_trials]
-    best_latency = None
-    if lat is not None:  # the chosen configs, timed on the device
-        t0 = time.perf_counter()
-        on_phase(f"measuring the front on {lat.settings.device}")
-        best_latency = lat.report(space, best.candidate)
-        for t, e in zip(front_trials, entries):
-            e["latency"] = best_latency if t is best else lat.report(space, t.candidate)
-        timings["latency_remeasure"] = time.perf_counter() - t0
-        run_info["latency"] = lat.info()
-    write_json(out / "pareto.json", {**header, "objectives": [metric, "kl"], "front": entries})
-    best_payload = {
-        **header,
-        **entry(space, best, full),
-        "validation": {
-            "kl": float(val.kl.mean()),
-            "ppl": math.exp(float(val.nll.mean())),
-            "dense_ppl": math.exp(float(validator.dense_scores.nll.mean())),
-            "windows": validator.n_windows,
-        },
-        "algorithm": spec.algo,
-        "seed": spec.seed,
-    }
-    if best_latency is not None:
-        best_payload["latency"] = {**best_latency, "device": lat.settings.device}
-    write_json(out / "best.json", best_payload)
-    plot_front(
-        out / "pareto.png", trials, front_trials, full, best, metric, budget.limits.get(metric),
-        f"{session.loaded.identity['source']} · {space.name} · {budget.text} · {spec.algo}",
-    )  # fmt: skip
-    seconds = time.perf_counter() - t_start
-    timings["total"] = seconds
-    run_info.update(
+    fidelities = sorted({w for w, _ in plan.stages})
+    trials_frame(trials, fidelities).to_parquet(plan.dir.trials, index=False)
+    best_payload = _write_front(plan, loaded, trials, best, validation, timings, on_phase)
+    if loaded.lat is not None:
+        info["latency"] = loaded.lat.info()  # with the front's measurements
+    seconds = timings.finish()
+    info.update(
         status="complete",
         finished=dt.datetime.now().isoformat(timespec="seconds"),
-        timings={k: round(v, 2) for k, v in timings.items()},
+        timings={k: round(v, 2) for k, v in timings.phases.items()},
         trials=len(trials),
         evals=round(engine.spent_windows / full, 3),
         jobs=engine.jobs,
-        replayed_evals=round(pool.replayed_windows / full, 3),
-        worker_retries=retries,
+        replayed_evals=round(searched.replayed_windows / full, 3),
+        worker_retries=searched.retries,
         full_windows=full,
     )
-    write_json(out / "run.json", run_info)
-    return RunResult(out, best_payload, len(trials), engine.spent_windows / full, seconds)
+    write_json(plan.dir.info, info)
+    return RunResult(plan.dir.path, best_payload, len(trials), engine.spent_windows / full, seconds)
+
+
+def _write_front(
+    plan: Plan, loaded: Loaded, trials: list[Trial], best: Trial, validation: dict[str, Any],
+    timings: Timings, on_phase: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
+    """pareto.json, best.json and pareto.png (with latency: the front timed on the device);
+    best.json's content."""
+    spec, space, full, budget = loaded.spec, loaded.session.space, plan.full, loaded.problem.budget
+    metric = _front_metric(plan.objectives, budget)
+    front_trials = front(trials, full, metric)
+    entries = [entry(space, t, full) for t in front_trials]
+    best_latency = None
+    if loaded.lat is not None:
+        with timings.phase("latency_remeasure"):
+            best_latency = _remeasure(loaded.lat, space, best, front_trials, entries, on_phase)
+    header = config_header(loaded.session, spec)
+    write_json(plan.dir.pareto, {**header, "objectives": [metric, "kl"], "front": entries})
+    payload = {
+        **header, **entry(space, best, full), "validation": validation,
+        "algorithm": spec.algo, "seed": spec.seed,
+    }  # fmt: skip
+    if loaded.lat is not None and best_latency is not None:
+        payload["latency"] = {**best_latency, "device": loaded.lat.settings.device}
+    write_json(plan.dir.best, payload)
+    plot_front(
+        plan.dir.plot, trials, front_trials, full, best, metric, budget.limits.get(metric),
+        f"{loaded.session.loaded.identity['source']} · {space.name} · {budget.text} · {spec.algo}",
+    )  # fmt: skip
+    return payload
+
+
+def _validation(loaded: Loaded, best: Trial) -> dict[str, Any]:
+    """KL and perplexity of ``best`` on the validation windows, and the dense perplexity."""
+    session, space = loaded.session, loaded.session.space
+    validator = Evaluator(
+        session.loaded.model, session.windows.validation, space.apply, space.dense(),
+        loaded.spec.batch_size,
+    )  # fmt: skip
+    val = validator.score(best.candidate, 0, validator.n_windows)
+    return {
+        "kl": float(val.kl.mean()),
+        "ppl": math.exp(float(val.nll.mean())),
+        "dense_ppl": math.exp(float(validator.dense_scores.nll.mean())),
+        "windows": validator.n_windows,
+    }
+
+
+def _front_metric(objectives: tuple[str, ...], budget: Budget) -> str:
+    """The front's cost axis: the searched cost objective, else FLOPs unless the budget
+    limits something else (sparsity)."""
+    if len(objectives) > 1:
+        return objectives[1]
+    return "flops" if "flops" in budget.limits else next(iter(budget.limits))
+
+
+def _remeasure(
+    lat: latency.RunLatency, space: spaces.SearchSpace, best: Trial, front_trials: list[Trial],
+    entries: list[dict[str, Any]], on_phase: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
+    """Time the front's configs on the device (into ``entries``); the best one's latency."""
+    on_phase(f"measuring the front on {lat.settings.device}")
+    best_latency = lat.report(space, best.candidate)
+    for t, e in zip(front_trials, entries):
+        e["latency"] = best_latency if t is best else lat.report(space, t.candidate)
+    return best_latency
 
 
 def model_source(config: dict[str, Any], model: str | None = None) -> str | None:
@@ -462,12 +620,13 @@ def session_of_config(
         d, space_cfg, identity = config["data"], config["space"], config["model"]
         source = model_source(config, model)
         batch = batch_size or d.get("batch_size", 4)
-        session = open_session(
+        key = SessionKey(
             source, d["source"], space_cfg["name"], space_cfg["options"], d["seq_len"],
             max(d["calibration_windows"], d["importance_windows"]), d["validation_windows"],
             d["importance_windows"], batch, device, dtype or config.get("dtype", "float32"),
             trust_remote_code, text_sha256=d["sha256"],
         )  # fmt: skip
+        session = open_session(key)
         genes, fingerprint = tuple(config["genes"]), space_cfg["fingerprint"]
     except KeyError as exc:
         raise SearcherError(

@@ -9,16 +9,58 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from searcher.errors import SearcherError
 
 LOCK = ".lock"
+RUN_JSON, BEST, PARETO, PLOT, TRIALS = (
+    "run.json", "best.json", "pareto.json", "pareto.png", "trials.parquet"
+)  # fmt: skip
+JOURNAL = "trials.journal"  # the trials' Optuna storage unless --storage names another
 # what a run writes into its directory (export refuses to write over these)
-RUN_FILES = ("run.json", "best.json", "pareto.json", "pareto.png", "trials.parquet",
-             "trials.journal", "latency.jsonl", LOCK)  # fmt: skip
+RUN_FILES = (RUN_JSON, BEST, PARETO, PLOT, TRIALS, JOURNAL, "latency.jsonl", LOCK)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run's directory, and where each file the run writes lies in it."""
+
+    path: Path
+
+    @property
+    def info(self) -> Path:
+        """run.json: the settings, environment and progress of the run."""
+        return self.path / RUN_JSON
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    @property
+    def pareto(self) -> Path:
+        return self.path / PARETO
+
+    @property
+    def plot(self) -> Path:
+        return self.path / PLOT
+
+    @property
+    def trials(self) -> Path:
+        return self.path / TRIALS
+
+    @property
+    def journal_lock(self) -> Path:
+        """Optuna's lock file of the run's own journal."""
+        return self.path / f"{JOURNAL}.lock"
+
+    def read_info(self) -> dict[str, Any]:
+        return json.loads(self.info.read_text(encoding="utf-8"))
 
 
 @contextlib.contextmanager

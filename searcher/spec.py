@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,45 +38,116 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass
-class RunSpec:
-    """Every setting of a run. ``None`` means: take it from the preset (or the default)."""
+# Flag groups of `searcher run --help`, by a setting's ``group``.
+GROUPS = {
+    "latency": "used when --budget or --objectives name latency, or a latency device is given"
+}
 
-    model: str | None = None  # None: the embedded SmolLM2-135M
-    data: str | None = None  # None: CPython's pydoc_data.topics
-    space: str = "width"
-    space_options: dict[str, Any] = field(default_factory=dict)
-    budget: str = "flops=0.5"
-    algo: str = "evo"
-    init: str = "uniform"  # evo's first parent: uniform, owl, flap or additive
-    objectives: str = "kl"  # "kl", or "kl,flops" etc. for a multi-objective search
-    seed: int = 0
-    preset: str = "default"
-    evals: float | None = None  # budget in full-fidelity-equivalent evaluations
-    offspring: int | None = None
-    stages: str | None = None  # WINDOWS:SURVIVORS per stage, e.g. "1:4,4:1"
-    random_batch: int = 8
-    seq_len: int | None = None
-    importance_windows: int | None = None
-    validation_windows: int | None = None
-    batch_size: int = 4
-    device: str = "cpu"
-    dtype: str = "float32"
-    threads: int | None = None  # torch threads per worker; None: the cores over the workers
-    workers: int = 1  # parallel evaluations; more than 1 (or an address) runs them on Ray
-    address: str | None = None  # an existing Ray cluster: auto, HOST:PORT or ray://HOST:PORT
-    storage: str | None = None  # Optuna storage URL; None: SQLite in the run directory
-    out: str | None = None  # run directory; None: results/<run-id>
-    trust_remote_code: bool = False
-    # Latency (used when the budget or objectives name latency, or a latency device is given)
-    latency_device: str | None = None  # ort-cpu | torch-cpu | ort-cuda | torch-cuda
-    latency: str = "predicted"  # predicted (from the device's table) | measured (each candidate)
-    latency_table: str | None = None  # None: results/latency/<model>-<device>-b<B>-s<S>.json
-    workload: str = "prefill"  # which latency the budget limits: prefill | decode
-    latency_batch: int = 1
-    latency_seq: int = 128
-    latency_threads: int | None = None  # threads the device runs with; None: every core
-    allow_table_mismatch: bool = False
+
+def setting(
+    default: Any = None,
+    help: str | None = None,
+    *,
+    positive: bool = False,
+    placement: bool = False,
+    group: str | None = None,
+    **flag: Any,
+) -> Any:
+    """A ``RunSpec`` field, declared with everything its checks and its CLI flag need.
+
+    ``help``: the flag's help; ``{default}`` and the names in braces that ``searcher.cli``
+    fills in from the registries (``{spaces}``, ``{searches}``, ...) are allowed.
+    ``positive``: at least 1 once presets apply. ``placement``: changes where evaluations
+    run, never their results (a resumed run may change it). ``group``: a key of ``GROUPS``.
+    ``flag``: more ``argparse`` options (``option`` names the flag when it is not the
+    field's name).
+    """
+    meta = {"help": help, "positive": positive, "placement": placement, "group": group,
+            "flag": flag}  # fmt: skip
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Every setting of a run. ``None`` means: take it from the preset (or the default).
+
+    Frozen: change a copy with ``dataclasses.replace``.
+    """
+
+    model: str | None = setting(None, "local HF model directory (default: embedded){families}")
+    data: str | None = setting(None, ".txt or .jsonl calibration text (default: pydoc)")
+    space: str = setting("width", "{spaces} (default {default})")
+    space_options: dict[str, Any] = setting(
+        {}, "space setting, e.g. mlp_steps=8 (repeatable)", option="--space-option",
+        metavar="KEY=VALUE",
+    )  # fmt: skip
+    budget: str = setting("flops=0.5", "one or more of {budgets}, e.g. params=0.6,flops=0.5")
+    algo: str = setting("evo", "{searches}; baselines: {baselines}")
+    init: str = setting("uniform", "evo's starting allocation: {seeds}")
+    objectives: str = setting(
+        "kl", "kl, or kl,flops / kl,latency: a Pareto front ({multi_objective})"
+    )
+    seed: int = setting(0)
+    preset: str = setting("default", "default: {default}", choices=tuple(sorted(PRESETS)))
+    evals: float | None = setting(
+        None, "search budget in full-fidelity-equivalent evaluations", positive=True
+    )
+    offspring: int | None = setting(None, "{readers}: offspring per generation", positive=True)
+    stages: str | None = setting(None, "{readers}: WINDOWS:SURVIVORS per stage, e.g. 1:4,4:1")
+    random_batch: int = setting(8, "{readers}: candidates per batch", positive=True)
+    seq_len: int | None = setting(None, "tokens per window", positive=True)
+    importance_windows: int | None = setting(None, positive=True)
+    validation_windows: int | None = setting(None, positive=True)
+    batch_size: int = setting(4, "windows per forward pass", positive=True)
+    device: str = setting("cpu", "cpu | cuda | cuda:N (default {default})")
+    dtype: str = setting("float32", "{dtypes} (default {default})")
+    threads: int | None = setting(
+        None, "torch threads per worker (default: the cores over the workers)", positive=True,
+        placement=True,
+    )  # fmt: skip
+    workers: int = setting(
+        1, "parallel evaluations on Ray actors (default {default}: in this process)", positive=True,
+        placement=True,
+    )  # fmt: skip
+    address: str | None = setting(
+        None, "Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (local: a new local "
+        "instance, even for one worker)", placement=True, metavar="ADDR",
+    )  # fmt: skip
+    storage: str | None = setting(
+        None, "Optuna storage of the trials: postgresql://USER@HOST/DB, sqlite:///PATH.db or a "
+        "journal file (default: RUN_DIR/trials.journal)", metavar="URL",
+    )  # fmt: skip
+    out: str | None = setting(None, "run directory (default results/<run-id>)")
+    trust_remote_code: bool = setting(False, "allow the model directory's own Python code to run")
+    latency_device: str | None = setting(
+        None, "{latency_devices} (default: ort-cpu, torch-cuda with --device cuda)",
+        group="latency", metavar="DEVICE",
+    )  # fmt: skip
+    latency: str = setting(
+        "predicted", "predicted from the device's latency table (default), or measured for "
+        "every candidate", group="latency", choices=("predicted", "measured"),
+    )  # fmt: skip
+    latency_table: str | None = setting(
+        None, "table from searcher profile (default: results/latency/<model>-<device>-b<B>-"
+        "s<S>.json, profiled on first use)", group="latency", metavar="PATH",
+    )  # fmt: skip
+    workload: str = setting(
+        "prefill", "the latency the budget limits (both are reported)", group="latency",
+        choices=("prefill", "decode"),
+    )  # fmt: skip
+    latency_batch: int = setting(1, "batch B (default {default})", positive=True, group="latency")
+    latency_seq: int = setting(
+        128, "prefill length / decode KV-cache length S (default {default})", positive=True,
+        group="latency",
+    )  # fmt: skip
+    latency_threads: int | None = setting(
+        None, "threads the device runs with (default: every core)", group="latency"
+    )
+    allow_table_mismatch: bool = setting(
+        False, "use a table profiled on another device or software stack", group="latency"
+    )
 
     def resolved(self) -> RunSpec:
         """A copy with preset values filled in where the user left settings unset."""
@@ -90,19 +163,7 @@ class RunSpec:
             w = values["workers"]
             workers = w if isinstance(w, int) and not isinstance(w, bool) and w > 0 else 1
             values["threads"] = max(1, (os.cpu_count() or 1) // workers)
-        for name, kind in _TYPES.items():
-            value = values[name]
-            if value is None and name in _OPTIONAL:
-                continue
-            if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-                raise SearcherError(f"run setting {name} = {value!r} should be {_describe(kind)}")
-        for name in _POSITIVE:
-            if not math.isfinite(values[name]):  # nan and inf pass every comparison below
-                raise SearcherError(f"--{name.replace('_', '-')} must be a finite number")
-            if values[name] <= 0:
-                raise SearcherError(f"--{name.replace('_', '-')} must be at least 1")
-        if values["seed"] < 0:
-            raise SearcherError("--seed must be 0 or more")
+        _check(values)
         return RunSpec(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,22 +195,42 @@ class RunSpec:
         return cls.from_dict(values)
 
 
-# Expected types after presets are applied (ints also accepted where floats are).
-_TYPES: dict[str, type | tuple[type, ...]] = {
-    "model": str, "data": str, "space": str, "space_options": dict, "budget": str,
-    "algo": str, "init": str, "objectives": str, "seed": int, "preset": str, "evals": (int, float),
-    "offspring": int, "stages": str, "random_batch": int, "seq_len": int, "importance_windows": int,
-    "validation_windows": int, "batch_size": int, "device": str, "dtype": str,
-    "threads": int, "workers": int, "address": str, "storage": str, "out": str,
-    "trust_remote_code": bool, "latency_device": str, "latency": str, "latency_table": str,
-    "workload": str, "latency_batch": int, "latency_seq": int, "latency_threads": int,
-    "allow_table_mismatch": bool,
-}  # fmt: skip
-_OPTIONAL = {"model", "data", "out", "address", "storage", "latency_device", "latency_table",
-             "latency_threads"}  # fmt: skip
-_POSITIVE = ("evals", "offspring", "random_batch", "seq_len", "importance_windows",
-             "validation_windows", "batch_size", "threads", "workers", "latency_batch",
-             "latency_seq")  # fmt: skip
+def _members(hint: Any) -> tuple[Any, ...]:
+    """The types of an annotation: ``int | None`` -> (int, NoneType), ``str`` -> (str,)."""
+    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+
+
+def _kind(hint: Any) -> type:
+    """The type a field's annotation names, without ``None`` (``dict[str, Any]``: dict)."""
+    kind = next(k for k in _members(hint) if k is not type(None))
+    return typing.get_origin(kind) or kind
+
+
+_HINTS = typing.get_type_hints(RunSpec)
+# Each setting's type: what its flag parses to, and what a config file must give
+KINDS: dict[str, type] = {name: _kind(hint) for name, hint in _HINTS.items()}
+# Settings a resumed run may change: where evaluations run, never their results
+PLACEMENT = tuple(f.name for f in dataclasses.fields(RunSpec) if f.metadata["placement"])
+_OPTIONAL = {name for name, hint in _HINTS.items() if type(None) in _members(hint)}
+_POSITIVE = [f.name for f in dataclasses.fields(RunSpec) if f.metadata["positive"]]
+
+
+def _check(values: dict[str, Any]) -> None:
+    """Types, positive counts and the seed, once presets apply (what a preset fills is set)."""
+    for name, kind in KINDS.items():
+        value = values[name]
+        if value is None and name in _OPTIONAL:
+            continue
+        accepted = (int, float) if kind is float else (kind,)  # ints too, where floats are
+        if not isinstance(value, accepted) or isinstance(value, bool) and kind is not bool:
+            raise SearcherError(f"run setting {name} = {value!r} should be {_describe(accepted)}")
+    for name in _POSITIVE:
+        if not math.isfinite(values[name]):  # nan and inf pass every comparison below
+            raise SearcherError(f"--{name.replace('_', '-')} must be a finite number")
+        if values[name] <= 0:
+            raise SearcherError(f"--{name.replace('_', '-')} must be at least 1")
+    if values["seed"] < 0:
+        raise SearcherError("--seed must be 0 or more")
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -162,8 +243,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return " ".join(f"{problem}{where}".split())
 
 
-def _describe(kind: type | tuple[type, ...]) -> str:
+def _describe(kinds: tuple[type, ...]) -> str:
     names = {int: "a whole number", float: "a number", str: "a string", dict: "a mapping",
              bool: "true or false"}  # fmt: skip
-    kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(names.get(k, str(k)) for k in kinds)

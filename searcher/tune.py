@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from searcher.budget import Budget
 from searcher.errors import SearcherError
 from searcher.fitness import Evaluator
 from searcher.problem import Candidate, Problem
-from searcher.run import Session, problem_for, session_for
+from searcher.run import Session, SessionKey, open_session, problem_for
 from searcher.spec import RunSpec
 
 SEARCHES = ("tpe", "random")
@@ -63,29 +63,22 @@ class Resident:
     load_seconds: float
 
 
-_RESIDENT: dict[tuple[Any, ...], Resident] = {}
-
-
-def _key(spec: RunSpec) -> tuple[Any, ...]:
-    """The settings that determine the resident state (not seed, threads or placement)."""
-    return (
-        spec.model, spec.data, spec.space, json.dumps(spec.space_options, sort_keys=True),
-        spec.budget, spec.stages, spec.seq_len, spec.importance_windows,
-        spec.validation_windows, spec.batch_size, spec.device, spec.dtype,
-        spec.trust_remote_code,
-    )  # fmt: skip
+# by session, full-fidelity windows and budget: what determines the resident state (not the
+# seed, threads or placement)
+_RESIDENT: dict[tuple[SessionKey, int, str], Resident] = {}
 
 
 def resident(spec: RunSpec) -> Resident:
     """The scoring state for ``spec`` (resolved), loaded on first use in this process.
 
-    Loaded as ``searcher.run.run`` loads it (``session_for``).
+    Loaded as ``searcher.run.run`` loads it (``SessionKey.of``).
     """
-    key = _key(spec)
+    full = parse_stages(spec.stages)[-1][0]
+    session_key = SessionKey.of(spec, full)
+    key = (session_key, full, spec.budget)
     if key not in _RESIDENT:
         t0 = time.perf_counter()
-        full = parse_stages(spec.stages)[-1][0]
-        session = session_for(spec, full)
+        session = open_session(session_key)
         problem = problem_for(session.space, Budget.parse(spec.budget))
         evaluator = Evaluator(
             session.loaded.model, session.windows.calibration[:full], session.space.apply,
@@ -112,12 +105,13 @@ def portable(spec: RunSpec) -> RunSpec:
     """``spec`` resolved, with local model and data paths made absolute: Tune runs each
     trainable in its trial directory, not in the driver's working directory."""
     spec = spec.resolved()
-    spec.storage = None  # trials go to Tune's own storage; no database URL in trial configs
+    paths = {}
     for name in ("model", "data"):
         value = getattr(spec, name)
         if value and Path(value).expanduser().exists():
-            setattr(spec, name, str(Path(value).expanduser().resolve()))
-    return spec
+            paths[name] = str(Path(value).expanduser().resolve())
+    # trials go to Tune's own storage: no database URL in trial configs
+    return replace(spec, storage=None, **paths)
 
 
 class CandidateTrainable(tune.Trainable):
@@ -129,7 +123,7 @@ class CandidateTrainable(tune.Trainable):
     def _configure(self, config: dict[str, Any]) -> None:
         spec = RunSpec.from_dict(dict(config["spec"])).resolved()
         if spec.device.startswith("cuda"):
-            spec.device = "cuda"  # Ray makes the trial's GPU the only visible one
+            spec = replace(spec, device="cuda")  # Ray makes the trial's GPU the only visible one
         torch.set_num_threads(spec.threads)
         self.state = resident(spec)
         problem = self.state.problem

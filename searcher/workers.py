@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
@@ -23,24 +23,20 @@ from searcher.fitness import DenseReference, Evaluator
 from searcher.pool import Job, Outcome, Pool
 from searcher.problem import Candidate
 
+if TYPE_CHECKING:
+    from searcher.run import SessionKey
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class WorkerSetup:
-    """How a worker rebuilds the driver's scoring state (everything but the shipped data)."""
+    """How a worker rebuilds the driver's scoring state: the driver's session (from its key;
+    the windows are shipped, not cut again) and what of it to score."""
 
-    model: str | None
-    device: str
-    dtype: str
-    trust_remote_code: bool
-    space: str
-    space_options: dict[str, Any]
-    seq_len: int
-    batch_size: int
-    importance_windows: int
-    scored_windows: int  # the first windows are scored; all of them feed the importance pass
-    fingerprint: str
+    session: SessionKey
+    scored_windows: int  # the first calibration windows
+    fingerprint: str  # of the driver's space: the worker's must be the same
     threads: int = 1
     env: dict[str, str] = field(default_factory=dict)
 
@@ -62,25 +58,25 @@ class ScoringWorker:
         # again from the object store, where the driver keeps them
         if self.evaluator is not None:
             return os.getpid()
-        setup = self.setup
+        setup, key = self.setup, self.setup.session
         windows, reference = ray.get(shared)
         torch.set_num_threads(setup.threads)
-        device = "cuda" if setup.device.startswith("cuda") else setup.device  # Ray picks the GPU
-        loaded = models.load(setup.model, device, setup.dtype, setup.trust_remote_code)
+        device = "cuda" if key.device.startswith("cuda") else key.device  # Ray picks the GPU
+        loaded = models.load(key.model, device, key.dtype, key.trust_remote_code)
         structure = spaces.Structure.of(loaded.model)
         space = spaces.build(
-            setup.space, structure, setup.seq_len, windows[: setup.importance_windows].to(device),
-            setup.batch_size, setup.space_options,
+            key.space, structure, key.seq_len, windows[: key.importance].to(device),
+            key.batch_size, key.space_options,
         )  # fmt: skip
         if space.fingerprint() != setup.fingerprint:
             raise SearcherError(
-                f"worker on {os.uname().nodename} built a different {setup.space} space than the "
+                f"worker on {os.uname().nodename} built a different {key.space} space than the "
                 "driver (other model files, library versions or hardware): give every node "
                 "the same model and environment"
             )
         self.evaluator = Evaluator(
             loaded.model, windows[: setup.scored_windows], space.apply, space.dense(),
-            setup.batch_size, reference=reference,
+            key.batch_size, reference=reference,
         )  # fmt: skip
         return os.getpid()
 
@@ -115,7 +111,7 @@ class RayPool(Pool):
         self.retries = 0
         self.reviving: dict[Any, int] = {}  # load() call on a restarting worker -> worker
         self.revive_timeout = 600.0
-        gpus = 1 if setup.device.startswith("cuda") else 0
+        gpus = 1 if setup.session.device.startswith("cuda") else 0
         env = {
             "OMP_NUM_THREADS": str(setup.threads),
             "MKL_NUM_THREADS": str(setup.threads),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +191,49 @@ def test_multi_objective_run_writes_a_front(tiny_dir: Path, tmp_path: Path, caps
     code, _, err = run_cli(["run", "--model", str(tiny_dir), "--objectives", "kl,flops",
                             "--out", str(tmp_path / "x"), *TINY], capsys)  # fmt: skip
     assert code == 2 and "needs one of --algo" in err
+
+
+def test_every_run_setting_has_its_flag() -> None:
+    """The flags come from ``RunSpec``'s fields: each parses to the setting's type."""
+    from searcher.cli import build_parser
+    from searcher.spec import KINDS, RunSpec
+
+    given = {bool: [], int: ["3"], float: ["2.5"], str: ["x"], dict: ["mlp_steps=8"]}
+    parsed = {bool: True, int: 3, float: 2.5, str: "x", dict: [("mlp_steps", 8)]}
+    for f in dataclasses.fields(RunSpec):
+        flag = f.metadata["flag"].get("option", f"--{f.name.replace('_', '-')}")
+        value, want = given[KINDS[f.name]], parsed[KINDS[f.name]]
+        if "choices" in f.metadata["flag"]:
+            want = f.metadata["flag"]["choices"][-1]
+            value = [want]
+        assert getattr(build_parser().parse_args(["run", flag, *value]), f.name) == want, flag
+    assert set(vars(build_parser().parse_args(["run"]))) == {"command", "verbose"}  # all unset
+
+
+def test_run_help_lists_the_registries(capsys) -> None:
+    import spaces
+    from searcher.algorithms import ALGORITHMS, SEEDS
+    from searcher.budget import KEYS
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    for names in (spaces.SPACES, ALGORITHMS, SEEDS, KEYS):
+        assert all(name in text for name in names)
+    assert "evo (default)" in text and "uniform (default)" in text
+    assert not re.search(r"\{[a-z_]+\}", text)  # every listed name filled in
+    try:
+        from searcher.families import FAMILIES
+    except ImportError:
+        return
+    assert "supported families:" in text and all(name in text for name in FAMILIES)
+
+
+def test_run_settings_are_frozen() -> None:
+    from searcher.spec import RunSpec
+
+    spec = RunSpec()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.evals = 3  # type: ignore[misc]
+    assert dataclasses.replace(spec, evals=3).evals == 3 and spec.evals is None

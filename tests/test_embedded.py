@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from searcher.cli import main
-from searcher.run import open_session
+from searcher.run import SessionKey, open_session
 from tests.helpers import counted_flops
 
 pytestmark = pytest.mark.embedded
@@ -24,11 +24,12 @@ def test_embedded_width_run_meets_budget_by_independent_count(tmp_path: Path) ->
     assert best["model"]["architecture"] == "LlamaForCausalLM"
     assert best["model"]["config"]["num_hidden_layers"] == 30
     d = best["data"]
-    session = open_session(
+    key = SessionKey(
         None, d["source"], "width", best["space"]["options"], d["seq_len"],
         d["calibration_windows"], d["validation_windows"], d["importance_windows"],
         d["batch_size"], "cpu", "float32", False,
     )  # fmt: skip
+    session = open_session(key)
     ids = session.windows.calibration[:1]
     dense = counted_flops(session.space.materialize(session.space.dense()), ids)
     pruned = counted_flops(session.space.materialize(tuple(best["genes"])), ids)

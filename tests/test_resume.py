@@ -4,6 +4,7 @@ uninterrupted one does."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,8 @@ import pytest
 from searcher.cli import main
 from searcher.pool import LocalPool
 from searcher.run import resume
-from searcher.store import open_storage
+from searcher.rundir import JOURNAL, RunDir
+from searcher.store import DEFAULT_FILE, open_storage
 
 ARGS = ["--seq-len", "32", "--importance-windows", "2", "--validation-windows", "2",
         "--offspring", "4", "--stages", "1:2,2:1", "--threads", "1", "--seed", "5"]  # fmt: skip
@@ -149,3 +151,19 @@ def test_resume_errors_are_one_line(uninterrupted: Path, tmp_path: Path, capsys)
     code = main(["run", "--resume", str(other)])
     err = capsys.readouterr().err
     assert code == 2 and "belongs to another model" in err
+
+
+def test_resume_may_change_where_evaluations_run(uninterrupted: Path, tmp_path: Path) -> None:
+    run = Path(shutil.copytree(uninterrupted, tmp_path / "run"))
+    (run / ".lock").unlink(missing_ok=True)
+    before = RunDir(run).read_info()
+    assert main(["run", "--resume", str(run), "--threads", "2"]) == 0
+    after = RunDir(run).read_info()
+    assert after["spec"]["threads"] == 2 and after["hardware"]["threads"] == 2
+    assert {**after["spec"], "threads": 0, "out": ""} == {**before["spec"], "threads": 0, "out": ""}
+    assert after["replayed_evals"] == after["evals"]  # every score read back
+
+
+def test_the_run_directory_names_the_stores_journal(tmp_path: Path) -> None:
+    assert JOURNAL == DEFAULT_FILE
+    assert RunDir(tmp_path).journal_lock == tmp_path / f"{DEFAULT_FILE}.lock"

@@ -4,6 +4,7 @@ on budget and scored exactly as the core's Evaluator scores it."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,9 @@ import pytest
 from searcher.budget import Budget
 from searcher.cluster import connected
 from searcher.fitness import Evaluator
-from searcher.run import open_session, problem_for
+from searcher.run import SessionKey, open_session, problem_for
 from searcher.spec import RunSpec
-from searcher.tune import CandidateTrainable, best_candidate, tune_search
+from searcher.tune import CandidateTrainable, best_candidate, portable, tune_search
 
 FULL = 2  # the last stage's windows
 
@@ -48,8 +49,7 @@ def test_tune_search_finds_an_on_budget_candidate_scored_exactly(
 
     best = best_candidate(grid)
     assert best["windows"] == FULL
-    session = open_session(str(tiny_dir), None, "width", {}, 32, max(FULL, 2), 2, 2, 4, "cpu",
-                           "float32", False)  # fmt: skip
+    session = open_session(SessionKey.of(spec.resolved(), FULL))
     problem = problem_for(session.space, Budget.parse(spec.budget))
     genes = tuple(best["genes"])
     assert problem.feasible(genes)
@@ -88,3 +88,25 @@ def test_trainable_repairs_infeasible_proposals_and_switches_candidates(tiny_dir
         )
     finally:
         trainable.stop()
+
+
+def test_a_session_key_is_a_cache_key(tiny_dir: Path) -> None:
+    """Equal settings give equal keys with one hash, space options compared by content;
+    seed, threads and placement are not part of a session."""
+    spec = tiny_spec(tiny_dir).resolved()
+    key = SessionKey.of(spec, FULL)
+    same = SessionKey.of(replace(spec, seed=9, threads=2, workers=2), FULL)
+    assert same == key and hash(same) == hash(key) and len({key, same}) == 1
+    a = replace(key, space_options={"mlp_steps": 4, "heads": [1, 2]})
+    b = replace(key, space_options={"heads": [1, 2], "mlp_steps": 4})
+    assert a == b and hash(a) == hash(b)
+    assert replace(key, space_options={"mlp_steps": 8}) != a
+    assert SessionKey.of(spec, FULL + 2) != key  # more windows to cut
+
+
+def test_portable_spec_is_a_copy(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tiny_dir.parent)
+    spec = replace(tiny_spec(tiny_dir), model=tiny_dir.name, storage=str(tmp_path / "j"))
+    moved = portable(spec)
+    assert moved.model == str(tiny_dir.resolve()) and moved.storage is None
+    assert spec.model == tiny_dir.name and spec.storage == str(tmp_path / "j")  # unchanged

@@ -20,7 +20,7 @@ from searcher.cluster import connected
 from searcher.errors import SearcherError
 from searcher.fitness import Evaluator
 from searcher.pool import Job, LocalPool
-from searcher.run import open_session
+from searcher.run import SessionKey, open_session
 from searcher.workers import RayPool, WorkerSetup
 from tests.helpers import candidates
 
@@ -52,16 +52,14 @@ def test_two_workers_reach_the_one_worker_result(ray_local, tiny_dir: Path, tmp_
 
 def driver(tiny_dir: Path, windows: int, fingerprint: str | None = None):
     """What the driver holds (session, evaluator of all ``windows``), and a worker setup."""
-    session = open_session(str(tiny_dir), None, "width", {}, 32, windows, 1, 2, 4, "cpu",
-                           "float32", False)  # fmt: skip
+    key = SessionKey(str(tiny_dir), None, "width", {}, 32, windows, 1, 2, 4, "cpu", "float32",
+                     False)  # fmt: skip
+    session = open_session(key)
     evaluator = Evaluator(
         session.loaded.model, session.windows.calibration, session.space.apply,
         session.space.dense(), 4,
     )  # fmt: skip
-    setup = WorkerSetup(
-        str(tiny_dir), "cpu", "float32", False, "width", {}, 32, 4, 2, windows,
-        fingerprint or session.space.fingerprint(),
-    )  # fmt: skip
+    setup = WorkerSetup(key, windows, fingerprint or session.space.fingerprint())
     return session, evaluator, setup
 
 

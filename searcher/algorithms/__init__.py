@@ -5,9 +5,10 @@ from __future__ import annotations
 from searcher.algorithms.allocations import FLAP, OWL, SEEDS, Additive
 from searcher.algorithms.base import Algorithm, Request, Result
 from searcher.algorithms.baselines import RandomSearch, Uniform
-from searcher.algorithms.evolution import Evolution, parse_stages
+from searcher.algorithms.evolution import Evolution
 from searcher.algorithms.pymoo_search import PymooGA, PymooNSGA2
 from searcher.algorithms.samplers import GPSearch, NSGA2Search, TPESearch
+from searcher.algorithms.stages import parse_stages
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     "evo": Evolution,

@@ -26,6 +26,7 @@ from typing import ClassVar
 import numpy as np
 
 from searcher.algorithms.base import Algorithm, Request, Result
+from searcher.algorithms.stages import first_stage_windows
 from searcher.errors import SearcherError
 from searcher.problem import Candidate, Problem
 
@@ -35,8 +36,8 @@ OWL_LAMBDA = 0.08
 class OneShot(Algorithm):
     """Computes one candidate (``allocate``) and scores it at full fidelity."""
 
+    baseline = True
     needs: ClassVar[str] = ""  # the Problem prior it reads, if any
-    spaces: ClassVar[str] = ""
 
     def __init__(self, problem: Problem, seed: int, full_windows: int) -> None:
         super().__init__(problem, seed, full_windows)
@@ -137,6 +138,7 @@ class FLAP(OneShot):
 
 class Additive(OneShot):
     name = "additive"
+    reads = ("stages", "evals")
 
     def __init__(
         self, problem: Problem, seed: int, full_windows: int, windows: int = 1,
@@ -162,7 +164,7 @@ class Additive(OneShot):
 
     @classmethod
     def configure(cls, problem, seed, full_windows, settings):
-        windows = min(full_windows, parse_first_stage(settings.get("stages")))
+        windows = min(full_windows, first_stage_windows(settings.get("stages")))
         algo = cls(problem, seed, full_windows, windows=windows)
         need = algo.evaluations()
         if settings.get("evals") is not None and settings["evals"] < need:
@@ -205,13 +207,6 @@ class Additive(OneShot):
 
     def status(self) -> str:
         return "scoring levels alone" if not self.errors else "solved"
-
-
-def parse_first_stage(stages: str | None) -> int:
-    """Windows of the first selection stage (``"1:4,4:1"`` -> 1): the cheapest fidelity."""
-    from searcher.algorithms.evolution import DEFAULT_STAGES, parse_stages
-
-    return (parse_stages(stages) if stages else DEFAULT_STAGES)[0][0]
 
 
 def knapsack(problem: Problem, errors: list[np.ndarray], bins: int) -> Candidate:

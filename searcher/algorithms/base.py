@@ -34,6 +34,9 @@ class Result:
 class Algorithm(ABC):
     name: ClassVar[str]
     multi_objective: ClassVar[bool] = False  # can it minimise costs beside KL (--objectives)?
+    baseline: ClassVar[bool] = False  # an allocation heuristic to compare against, not a search
+    spaces: ClassVar[str] = ""  # the one space it works on ("": any)
+    reads: ClassVar[tuple[str, ...]] = ()  # the run settings it reads (for --help)
 
     def __init__(self, problem: Problem, seed: int, full_windows: int) -> None:
         self.problem = problem

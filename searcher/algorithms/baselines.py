@@ -10,6 +10,7 @@ class Uniform(Algorithm):
     """One candidate: every gene keeps the same fraction, as much as the budget allows."""
 
     name = "uniform"
+    baseline = True
 
     def ask(self) -> list[Request]:
         return [] if self.done else [Request(self.problem.uniform(), self.full_windows)]
@@ -22,6 +23,7 @@ class RandomSearch(Algorithm):
     """Random feasible candidates near the budget, all scored at full fidelity."""
 
     name = "random"
+    reads = ("random_batch",)
 
     def __init__(self, problem: Problem, seed: int, full_windows: int, batch: int = 8) -> None:
         super().__init__(problem, seed, full_windows)

@@ -10,44 +10,19 @@ winner of the last stage becomes the next parent. Most candidates are therefore 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+from searcher.algorithms.allocations import SEEDS, OneShot
 from searcher.algorithms.base import Algorithm, Request, Result
+from searcher.algorithms.stages import DEFAULT_STAGES, parse_stages
 from searcher.errors import SearcherError
 from searcher.problem import Candidate, Problem
 
-if TYPE_CHECKING:
-    from searcher.algorithms.allocations import OneShot
-
-DEFAULT_STAGES = ((1, 4), (4, 1))
-
-
-def parse_stages(text: str) -> tuple[tuple[int, int], ...]:
-    """``"1:4,4:1"`` -> ((1, 4), (4, 1)): windows:survivors per stage."""
-    try:
-        stages = tuple((int(w), int(s)) for w, s in (part.split(":") for part in text.split(",")))
-    except ValueError:
-        raise SearcherError(
-            f"bad --stages {text!r}: give WINDOWS:SURVIVORS per stage, e.g. 1:4,4:1"
-        ) from None
-    windows = [w for w, _ in stages]
-    survivors = [s for _, s in stages]
-    if (
-        not stages
-        or min(windows) < 1
-        or min(survivors) < 1
-        or windows != sorted(set(windows))
-        or survivors != sorted(survivors, reverse=True)
-    ):
-        raise SearcherError(
-            f"bad --stages {text!r}: windows must increase, survivors must not increase, "
-            "and all must be positive"
-        )
-    return stages
+__all__ = ["DEFAULT_STAGES", "Evolution", "parse_stages"]
 
 
 class Evolution(Algorithm):
     name = "evo"
+    reads = ("offspring", "stages", "init")
 
     def __init__(
         self,
@@ -77,8 +52,6 @@ class Evolution(Algorithm):
 
     @classmethod
     def configure(cls, problem, seed, full_windows, settings):
-        from searcher.algorithms.allocations import SEEDS
-
         stages = parse_stages(settings["stages"])
         name = settings.get("init") or "uniform"
         if name not in SEEDS:

@@ -93,6 +93,7 @@ def _pymoo() -> SimpleNamespace:
 class PymooSearch(Algorithm):
     name: ClassVar[str]
     multi_objective: ClassVar[bool] = True
+    reads = ("random_batch", "objectives")
 
     def __init__(
         self,

@@ -107,6 +107,7 @@ class OptunaSearch(Algorithm):
 
     name: ClassVar[str]
     multi_objective: ClassVar[bool] = True
+    reads = ("random_batch", "objectives")
     max_tries: ClassVar[int] = 20  # proposals per requested candidate before giving up
 
     def __init__(

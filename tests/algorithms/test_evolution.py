@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import searcher.algorithms
 from searcher.algorithms.base import Request, Result
 from searcher.algorithms.evolution import DEFAULT_STAGES, Evolution, parse_stages
 from searcher.engine import Engine
@@ -217,3 +220,30 @@ def test_parse_stages_valid(text: str, stages) -> None:
 def test_parse_stages_rejects(text: str) -> None:
     with pytest.raises(SearcherError):
         parse_stages(text)
+
+
+def imports(name: str) -> tuple[set[str], set[str]]:
+    """The searcher modules ``searcher/algorithms/NAME.py`` imports: at the top of the
+    module, and inside functions."""
+    path = Path(searcher.algorithms.__file__).parent / f"{name}.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    local = {
+        n.module
+        for f in ast.walk(tree)
+        if isinstance(f, ast.FunctionDef)
+        for n in ast.walk(f)
+        if isinstance(n, ast.ImportFrom)
+    }
+    top = {n.module for n in tree.body if isinstance(n, ast.ImportFrom)}
+    return {m for m in top if m.startswith("searcher")}, {
+        m for m in local if m and m.startswith("searcher")
+    }
+
+
+def test_allocations_and_evolution_import_without_a_cycle() -> None:
+    """evolution imports the one-shot allocations (its --init seeds) at its top; what both
+    need, the stages, is a module of its own."""
+    top, local = imports("allocations")
+    assert "searcher.algorithms.evolution" not in top | local
+    top, local = imports("evolution")
+    assert "searcher.algorithms.allocations" in top and not local

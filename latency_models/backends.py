@@ -262,6 +262,18 @@ class OrtBackend(Backend):
 _ORT_POOL: list[int] = []  # threads of this process's ONNX Runtime pool, once it exists
 
 
+def ort_options() -> Any:
+    """ONNX Runtime session options that work in this process: once timing has made the
+    process-wide thread pool, every session must use it (ORT refuses one with its own)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if _ORT_POOL:
+        opts.use_per_session_threads = False
+    return opts
+
+
 def _shared_pool(threads: int) -> None:
     """Give every ONNX Runtime session of this process one shared thread pool.
 

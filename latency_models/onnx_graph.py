@@ -9,6 +9,7 @@ that it computes what the torch decoder computes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,8 +17,16 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from latency_models.graph import AttentionWeights, DecoderWeights, MLPWeights
+from latency_models.graph import (
+    AttentionWeights,
+    DecoderWeights,
+    MLPWeights,
+    Style,
+    check_style,
+    rotary_tables,
+)
 from latency_models.workload import Workload
+from searcher.errors import SearcherError
 
 OPSET = 17
 _TYPES = {np.dtype("float32"): TensorProto.FLOAT}
@@ -88,6 +97,9 @@ class _Builder:
         self.externals.append(proto)
         return name
 
+    def table(self, t: torch.Tensor, hint: str) -> str:
+        return self.const(t.detach().cpu().float().numpy().astype(self.dtype), hint)
+
     def scalar(self, value: float) -> str:
         return self.const(np.array(value, dtype=self.dtype))
 
@@ -95,11 +107,19 @@ class _Builder:
         y = self.op("MatMul", x, self.weight(w, hint, transpose=True), hint=hint)
         return y if bias is None else self.op("Add", y, self.weight(bias, f"{hint}_b"))
 
-    def norm(self, x: str, w: torch.Tensor, eps: float) -> str:
+    def norm(
+        self, x: str, w: torch.Tensor, eps: float, kind: str = "rms",
+        bias: torch.Tensor | None = None,
+    ) -> str:  # fmt: skip
+        """``graph.Norm``: RMSNorm (weight, or 1 + weight for "rms1p") or LayerNorm."""
+        if kind == "layer":
+            scale, shift = self.weight(w, "ln"), self.weight(_or_zeros(bias, w), "ln_b")
+            return self.op("LayerNormalization", x, scale, shift, axis=-1, epsilon=eps)
         sq = self.op("Mul", x, x)
         ms = self.op("ReduceMean", sq, axes=[-1], keepdims=1)
         r = self.op("Sqrt", self.op("Add", ms, self.scalar(eps)))
-        return self.op("Mul", self.op("Div", x, r), self.weight(w, "norm"))
+        scale = 1.0 + w.detach().float() if kind == "rms1p" else w
+        return self.op("Mul", self.op("Div", x, r), self.weight(scale, "norm"))
 
     def rotate(self, x: str, cos: str, sin: str, half: int) -> str:
         axes = self.const([-1])
@@ -108,17 +128,63 @@ class _Builder:
         rot = self.op("Concat", self.op("Neg", hi), lo, axis=-1)
         return self.op("Add", self.op("Mul", x, cos), self.op("Mul", rot, sin))
 
+    def rotary(self, x: str, cos: str, sin: str, dims: int, head_dim: int) -> str:
+        """Rotary over the first ``dims`` of each head; the rest pass through."""
+        if dims == head_dim:
+            return self.rotate(x, cos, sin, dims // 2)
+        axes = self.const([-1])
+        head = self.op("Slice", x, self.const([0]), self.const([dims]), axes)
+        rest = self.op("Slice", x, self.const([dims]), self.const([head_dim]), axes)
+        return self.op("Concat", self.rotate(head, cos, sin, dims // 2), rest, axis=-1)
+
+    def softcap(self, x: str, cap: float) -> str:
+        c = self.scalar(cap)
+        return self.op("Mul", self.op("Tanh", self.op("Div", x, c)), c)
+
+    def activation(self, x: str, name: str) -> str:
+        if name in ("silu", "swish"):
+            return self.op("Mul", x, self.op("Sigmoid", x))
+        if name == "relu":
+            return self.op("Relu", x)
+        half_x = self.op("Mul", x, self.scalar(0.5))
+        if name == "gelu":  # erf form
+            inner = self.op("Erf", self.op("Mul", x, self.scalar(math.sqrt(0.5))))
+        else:  # tanh approximation (gelu_new, gelu_pytorch_tanh)
+            cube = self.op("Mul", self.op("Mul", x, x), x)
+            arg = self.op("Add", x, self.op("Mul", cube, self.scalar(0.044715)))
+            inner = self.op("Tanh", self.op("Mul", arg, self.scalar(math.sqrt(2.0 / math.pi))))
+        return self.op("Mul", half_x, self.op("Add", inner, self.scalar(1.0)))
+
+
+def _or_zeros(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if bias is None else bias
+
+
+ONNX_ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh")
+
+
+def _refuse_unbuilt(style: Style) -> None:
+    """One line naming what this builder does not write, before any node is built."""
+    if style.act not in ONNX_ACTIVATIONS:
+        raise SearcherError(
+            f"the ONNX graph supports {', '.join(ONNX_ACTIVATIONS)} MLPs, not {style.family}'s "
+            f"{style.act!r}; time it with --device torch-cpu or torch-cuda"
+        )
+
 
 def build(weights: DecoderWeights, workload: Workload) -> OnnxDecoder:
     """The ONNX graph of ``Decoder(weights, workload)``: same inputs, outputs and arithmetic,
     in float32 (what ONNX Runtime's CPU kernels run)."""
+    style = weights.style
+    check_style(weights)
+    _refuse_unbuilt(style)
     b = _Builder(np.dtype("float32"))
     wl = workload
     tokens = wl.seq_len if wl.prefill else 1
     first = 0 if wl.prefill else wl.seq_len
-    cos_t, sin_t = weights.rotary(first, tokens)
-    cos = b.const(cos_t.detach().cpu().float().numpy().astype(b.dtype), "cos")
-    sin = b.const(sin_t.detach().cpu().float().numpy().astype(b.dtype), "sin")
+    tables, index = rotary_tables(weights, first, tokens)
+    # per table: cos, sin and the rotated dims of each head
+    ropes = [(b.table(cos, "cos"), b.table(sin, "sin"), cos.shape[-1]) for cos, sin in tables]
     mask = None
     if wl.prefill:
         m = np.triu(np.full((tokens, tokens), np.finfo(b.dtype).min, dtype=b.dtype), 1)
@@ -127,26 +193,36 @@ def build(weights: DecoderWeights, workload: Workload) -> OnnxDecoder:
     inputs: list[onnx.ValueInfoProto] = []
     outputs: list[onnx.ValueInfoProto] = []
     elem = _TYPES[b.dtype]
+    embed = None
     if weights.embed is not None:
         inputs.append(
             helper.make_tensor_value_info("input_ids", TensorProto.INT64, [wl.batch, tokens])
         )
         embed = b.weight(weights.embed, "embed")
         h = b.op("Gather", embed, "input_ids")
+        if style.embed_scale != 1.0:
+            h = b.op("Mul", h, b.scalar(style.embed_scale))
+        if weights.positions is not None:
+            h = b.op("Add", h, b.weight(weights.positions[first : first + tokens], "positions"))
     else:
         inputs.append(helper.make_tensor_value_info("hidden_in", elem, [wl.batch, tokens, hidden]))
         h = "hidden_in"
     past: list[onnx.ValueInfoProto] = []
     present: list[onnx.ValueInfoProto] = []
     j = 0
-    for attn, mlp in weights.layers:
+    for (attn, mlp), table in zip(weights.layers, index):
+        x = h  # the layer's input, which a parallel MLP reads
         if attn is not None:
             shape = [wl.batch, attn.groups, wl.seq_len, attn.head_dim]
             pk = pv = None
             if not wl.prefill:
                 pk, pv = f"past_k_{j}", f"past_v_{j}"
                 past += [helper.make_tensor_value_info(n, elem, shape) for n in (pk, pv)]
-            h, k, v = _attention(b, h, attn, weights.eps, cos, sin, mask, pk, pv, wl.batch, tokens)
+            rope = ropes[table] if ropes else None
+            out, k, v = _attention(
+                b, h, attn, weights.eps, style, rope, mask, pk, pv, wl.batch, tokens
+            )
+            h = _residual(b, h, out, style)
             for kv, name in (("k", k), ("v", v)):
                 out = f"present_{kv}_{j}"
                 b.nodes.append(helper.make_node("Identity", [name], [out]))
@@ -154,14 +230,22 @@ def build(weights: DecoderWeights, workload: Workload) -> OnnxDecoder:
                 present.append(helper.make_tensor_value_info(out, elem, dims))
             j += 1
         if mlp is not None:
-            h = _mlp(b, h, mlp, weights.eps)
+            h = _residual(b, h, _mlp(b, x if style.parallel else h, mlp, weights.eps, style), style)
     inputs += past
     if weights.head is not None:
         last = b.op("Gather", h, b.const(np.array(tokens - 1, dtype=np.int64)), axis=1)
-        last = b.norm(last, weights.final_norm, weights.eps)
-        tied = weights.head is weights.embed
+        if weights.final_norm is not None:
+            last = b.norm(
+                last, weights.final_norm, weights.eps, style.norm, weights.final_norm_bias
+            )
+        tied = weights.head is weights.embed and embed is not None
         head = embed if tied else b.weight(weights.head, "head")
-        b.nodes.append(helper.make_node("Gemm", [last, head], ["logits"], transB=1))
+        logits = b.op("Gemm", last, head, transB=1)
+        if style.logits_divisor != 1.0:
+            logits = b.op("Div", logits, b.scalar(style.logits_divisor))
+        if style.logits_softcap is not None:
+            logits = b.softcap(logits, style.logits_softcap)
+        b.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
         outputs.append(
             helper.make_tensor_value_info("logits", elem, [wl.batch, weights.head.shape[0]])
         )
@@ -179,46 +263,70 @@ def build(weights: DecoderWeights, workload: Workload) -> OnnxDecoder:
     return OnnxDecoder(model, b.weights, [i.name for i in inputs], [o.name for o in outputs])
 
 
+def _residual(b: _Builder, h: str, out: str, style: Style) -> str:
+    if style.residual_scale != 1.0:
+        out = b.op("Mul", out, b.scalar(style.residual_scale))
+    return b.op("Add", h, out)
+
+
 def _attention(
-    b: _Builder, h: str, w: AttentionWeights, eps: float, cos: str, sin: str,
-    mask: str | None, pk: str | None, pv: str | None, batch: int, tokens: int,
+    b: _Builder, h: str, w: AttentionWeights, eps: float, style: Style,
+    rope: tuple[str, str, int] | None, mask: str | None, pk: str | None, pv: str | None,
+    batch: int, tokens: int,
 ) -> tuple[str, str, str]:  # fmt: skip
+    """The block's output (before the residual add) and its new K and V."""
     g, r, hd = w.groups, w.group_size, w.head_dim
-    x = b.norm(h, w.norm, eps)
+    x = h if w.norm is None else b.norm(h, w.norm, eps, style.norm, w.norm_bias)
     q = b.linear(x, w.q, w.q_bias, "q")
     k = b.linear(x, w.k, w.k_bias, "k")
     v = b.linear(x, w.v, w.v_bias, "v")
+    across = style.qk_norm == "all"
+    if across and w.q_norm is not None:
+        q = b.norm(q, w.q_norm, eps, style.norm)
+    if across and w.k_norm is not None:
+        k = b.norm(k, w.k_norm, eps, style.norm)
     q = b.op("Reshape", q, b.const([batch, tokens, g, r, hd]))
     k = b.op("Reshape", k, b.const([batch, tokens, g, hd]))
     v = b.op("Reshape", v, b.const([batch, tokens, g, hd]))
-    if w.q_norm is not None:
-        q = b.norm(q, w.q_norm, eps)
-    if w.k_norm is not None:
-        k = b.norm(k, w.k_norm, eps)
+    if not across and w.q_norm is not None:
+        q = b.norm(q, w.q_norm, eps, style.norm)
+    if not across and w.k_norm is not None:
+        k = b.norm(k, w.k_norm, eps, style.norm)
     q = b.op("Transpose", q, perm=[0, 2, 3, 1, 4])
     k = b.op("Transpose", k, perm=[0, 2, 1, 3])
     v = b.op("Transpose", v, perm=[0, 2, 1, 3])
-    q = b.rotate(q, cos, sin, hd // 2)
-    k = b.rotate(k, cos, sin, hd // 2)
+    if rope is not None:
+        q = b.rotary(q, *rope, hd)
+        k = b.rotary(k, *rope, hd)
     keys, values = k, v
     if pk is not None:
         keys = b.op("Concat", pk, k, axis=2)
         values = b.op("Concat", pv, v, axis=2)
     two = b.const([2])
     kt = b.op("Transpose", b.op("Unsqueeze", keys, two), perm=[0, 1, 2, 4, 3])
-    scores = b.op("Mul", b.op("MatMul", q, kt), b.scalar(hd**-0.5))
+    scale = w.scale if w.scale is not None else style.score_scale
+    scores = b.op("Mul", b.op("MatMul", q, kt), b.scalar(hd**-0.5 if scale is None else scale))
+    if style.attn_softcap is not None:
+        scores = b.softcap(scores, style.attn_softcap)
     if mask is not None:
         scores = b.op("Add", scores, mask)
     probs = b.op("Softmax", scores, axis=-1)
     out = b.op("MatMul", probs, b.op("Unsqueeze", values, two))
     out = b.op("Transpose", out, perm=[0, 3, 1, 2, 4])
     out = b.op("Reshape", out, b.const([batch, tokens, g * r * hd]))
-    return b.op("Add", h, b.linear(out, w.o, w.o_bias, "o")), k, v
+    out = b.linear(out, w.o, w.o_bias, "o")
+    if w.post_norm is not None:
+        out = b.norm(out, w.post_norm, eps, style.norm)
+    return out, k, v
 
 
-def _mlp(b: _Builder, h: str, w: MLPWeights, eps: float) -> str:
-    x = b.norm(h, w.norm, eps)
-    a = b.linear(x, w.gate, None, "gate")
-    u = b.linear(x, w.up, None, "up")
-    act = b.op("Mul", b.op("Mul", a, b.op("Sigmoid", a)), u)
-    return b.op("Add", h, b.linear(act, w.down, None, "down"))
+def _mlp(b: _Builder, h: str, w: MLPWeights, eps: float, style: Style) -> str:
+    """The block's output (before the residual add)."""
+    x = h if w.norm is None else b.norm(h, w.norm, eps, style.norm, w.norm_bias)
+    u = b.linear(x, w.up, w.up_bias, "up")
+    if w.gate is None:
+        act = b.activation(u, style.act)
+    else:
+        act = b.op("Mul", b.activation(b.linear(x, w.gate, w.gate_bias, "gate"), style.act), u)
+    out = b.linear(act, w.down, w.down_bias, "down")
+    return out if w.post_norm is None else b.norm(out, w.post_norm, eps, style.norm)

@@ -46,7 +46,7 @@ def architecture(weights: DecoderWeights) -> dict[str, Any]:
         "kv_heads": a.groups,
         "group_size": a.group_size,
         "head_dim": a.head_dim,
-        "intermediate": mlp[0].gate.shape[0],
+        "intermediate": mlp[0].width,
         "vocab": weights.head.shape[0],
         "tied": weights.head is weights.embed,
         "bias": a.q_bias is not None,
@@ -68,6 +68,17 @@ def block_stack(dense: DecoderWeights, kind: str, size: int) -> DecoderWeights:
     return dense.without_ends(layers)
 
 
+def dense_blocks(dense: DecoderWeights) -> list[Block]:
+    """The blocks of ``dense`` as a table prices them: every attention and MLP at its size."""
+    out: list[Block] = []
+    for attn, mlp in dense.layers:
+        if attn is not None:
+            out.append(("attn", attn.groups))
+        if mlp is not None:
+            out.append(("mlp", mlp.width))
+    return out
+
+
 def measure_beside(
     backend: Backend,
     items: Sequence[DecoderWeights],
@@ -76,9 +87,10 @@ def measure_beside(
     timing: Timing,
     max_bytes: int,
     on_group: Callable[[int, int], None] = lambda done, total: None,
-) -> list[float]:
+) -> tuple[list[float], float]:
     """Latency (ms) of each item, timed in groups of at most ``max_bytes`` of weights, each
-    group interleaved with ``reference``; see the module's docstring."""
+    group interleaved with ``reference``, and the reference's own; see the module's
+    docstring."""
     groups: list[list[int]] = []
     size = max_bytes + 1
     for i, item in enumerate(items):
@@ -97,7 +109,7 @@ def measure_beside(
             ratios[i] = m.ratio(ms[0])
         on_group(g + 1, len(groups))
     ref_ms = statistics.median(refs)
-    return [ratios[i] * ref_ms for i in range(len(items))]
+    return [ratios[i] * ref_ms for i in range(len(items))], ref_ms
 
 
 def profile_workload(
@@ -114,7 +126,7 @@ def profile_workload(
     items += [block_stack(dense, kind, size) for kind, size in sizes]
     mlp = shapes.get("mlp")
     reference = block_stack(dense, "mlp", max(mlp)) if mlp else dense.ends_only()
-    ms = measure_beside(
+    ms, _ = measure_beside(
         backend, items, reference, workload, timing, dense.nbytes(),
         lambda done, total: on_step(f"{workload.kind}: block group {done}/{total}"),
     )  # fmt: skip
@@ -170,13 +182,18 @@ def profile(
         on_step("correction: whole models")
         weights = [make() for _, make in models]
         for kind, table in tables.items():
-            measured = measure_beside(
+            measured, dense_ms = measure_beside(
                 backend, weights, dense, table.workload, model_timing, dense.nbytes(),
                 lambda done, total, kind=kind: on_step(
                     f"correction ({kind}): whole models, group {done}/{total}"
                 ),
             )  # fmt: skip
-            table.fit_correction([table.raw(blocks) for blocks, _ in models], measured)
+            # every model was timed beside the dense one: the fit goes through it (when the
+            # table has the dense model's block sizes)
+            full = dense_blocks(dense)
+            has = all(size in table.blocks.get(kind, {}) for kind, size in full)
+            anchor = (table.raw(full), dense_ms) if has else None
+            table.fit_correction([table.raw(blocks) for blocks, _ in models], measured, anchor)
     info = {
         "created": dt.datetime.now().isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - start, 1),

@@ -16,7 +16,7 @@ import numpy as np
 
 import spaces
 from latency_models.backends import Backend, Measurement, Timing, backend
-from latency_models.graph import DecoderWeights, weights_of
+from latency_models.graph import DecoderWeights
 from latency_models.latency_table import Block, LatencyTable
 from latency_models.profile import BLOCK_TIMING, MODEL_TIMING, architecture, profile
 from latency_models.table import CostTable
@@ -89,7 +89,8 @@ def candidate_blocks(space: spaces.SearchSpace, genes: Sequence[int]) -> list[Bl
 def candidate_weights(space: spaces.SearchSpace, genes: Sequence[int]) -> DecoderWeights:
     """The candidate's physically pruned weights (views into the resident model)."""
     space.apply(genes)
-    return weights_of(space.structure.model)
+    s = space.structure
+    return s.family.lean(s.model)
 
 
 def latency_costs(table: LatencyTable, space: spaces.SearchSpace, kind: str) -> CostTable:

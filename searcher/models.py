@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from searcher.errors import SearcherError
+from searcher.families import family_for
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,13 @@ def load(
         path, name = path.resolve(), str(path.resolve())
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        family_for(config.model_type, ", ".join(config.architectures or []))
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, config=config
         )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except SearcherError:
+        raise
     except Exception as exc:  # whatever a user's files break, it is said in one line
         log.debug("loading %s failed", source or name, exc_info=True)
         raise SearcherError(f"cannot load the model from {source or name}: {_why(exc)}") from None

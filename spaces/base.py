@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from torch import nn
 from latency_models.analytic import attention_score_flops, linear_flops
 from latency_models.latency_table import Block
 from latency_models.table import CostTable
-from spaces.structure import ATTN_PROJ, MLP_PROJ, Structure
+from spaces.structure import Layer, Structure
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,9 @@ class SearchSpace(ABC):
         pruned = copy.deepcopy(self.structure.model)
         self.apply(self.dense())
         for module in pruned.modules():
-            if isinstance(module, nn.Linear) and module is not pruned.get_output_embeddings():
-                set_linear(module, module.weight.detach().clone(), _clone(module.bias))
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.untyped_storage().nbytes() > p.numel() * p.element_size():  # a slice
+                    setattr(module, name, nn.Parameter(p.detach().clone(), requires_grad=False))
         return pruned
 
 
@@ -104,22 +106,6 @@ def digest(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().clone()
-
-
-def set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Point a linear layer at new (possibly view) weights, without copying them."""
-    linear.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        linear.bias = nn.Parameter(bias, requires_grad=False)
-    linear.out_features, linear.in_features = weight.shape
-
-
-def linear_params(linear: nn.Linear, rows: int, cols: int) -> int:
-    return rows * cols + (rows if linear.bias is not None else 0)
-
-
 def fixed_costs(structure: Structure, seq_len: int) -> dict[str, float]:
     """Costs no space changes: LM head FLOPs; embedding, head and norm parameters."""
     s = structure
@@ -129,50 +115,42 @@ def fixed_costs(structure: Structure, seq_len: int) -> dict[str, float]:
     }
 
 
-def attention_costs(structure: Structure, layer_index: int, groups: int, seq_len: int):
-    """FLOPs and params of one layer's attention keeping ``groups`` KV groups (0 = removed)."""
-    s = structure
-    layer = s.layers[layer_index]
-    q = groups * s.group_size * s.head_dim
-    kv = groups * s.head_dim
-    shapes = {"q_proj": (q, s.hidden), "k_proj": (kv, s.hidden), "v_proj": (kv, s.hidden)}
-    shapes["o_proj"] = (s.hidden if groups else 0, q)
-    flops = sum(linear_flops(seq_len, cols, rows) for rows, cols in shapes.values())
-    flops += attention_score_flops(1, seq_len, groups * s.group_size, s.head_dim)
-    params = sum(linear_params(layer.linear(n), *shapes[n]) for n in ATTN_PROJ)
-    return flops, params
-
-
-def mlp_costs(structure: Structure, layer_index: int, width: int, seq_len: int):
-    """FLOPs and params of one layer's gated MLP keeping ``width`` neurons (0 = removed)."""
-    s = structure
-    layer = s.layers[layer_index]
-    shapes = {"gate_proj": (width, s.hidden), "up_proj": (width, s.hidden)}
-    shapes["down_proj"] = (s.hidden if width else 0, width)
-    flops = sum(linear_flops(seq_len, cols, rows) for rows, cols in shapes.values())
-    params = sum(linear_params(layer.linear(n), *shapes[n]) for n in MLP_PROJ)
+def block_costs(structure: Structure, layer: Layer, kind: str, units: int, seq_len: int):
+    """FLOPs and params of one layer's block keeping ``units`` KV groups or neurons (0: the
+    block is removed), counted from the family's slabs: every matmul weight costs 2 FLOPs
+    per element per token, and attention its scores."""
+    block = layer.block(kind)
+    params = flops = 0
+    for slab in block.slabs:
+        shape = list(layer.sizes[slab.tensor])
+        shape[slab.axis] = slab.size(units)
+        n = math.prod(shape)
+        params += n
+        flops += 2 * seq_len * n if slab.matmul else 0
+    if units:
+        params += sum(math.prod(layer.sizes[path]) for path in block.owned)
+    if kind == "attn":
+        s = structure
+        flops += attention_score_flops(1, seq_len, units * s.group_size, s.head_dim)
     return flops, params
 
 
 def block_tables(
     structure: Structure,
     seq_len: int,
-    attn_levels: Sequence[Sequence[int]],
-    mlp_levels: Sequence[Sequence[int]],
+    levels: dict[str, Sequence[int]],
     order: Sequence[tuple[str, int]],
 ) -> dict[str, CostTable]:
     """Cost tables for spaces whose genes are whole attention / MLP blocks.
 
-    ``order`` lists the genes as ("attn" | "mlp", layer index); ``attn_levels[i]`` and
-    ``mlp_levels[i]`` give the KV groups / neurons kept at each level of layer i.
+    ``order`` lists the genes as ("attn" | "mlp", layer index); ``levels[kind]`` gives the
+    KV groups / neurons kept at each level of a gene of that kind.
     """
     fixed = fixed_costs(structure, seq_len)
     flops, params = [], []
     for kind, i in order:
-        if kind == "attn":
-            rows = [attention_costs(structure, i, g, seq_len) for g in attn_levels[i]]
-        else:
-            rows = [mlp_costs(structure, i, w, seq_len) for w in mlp_levels[i]]
+        layer = structure.layers[i]
+        rows = [block_costs(structure, layer, kind, u, seq_len) for u in levels[kind]]
         flops.append([f for f, _ in rows])
         params.append([p for _, p in rows])
     return {

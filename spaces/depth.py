@@ -1,7 +1,8 @@
 """Depth: per layer, keep or drop the attention sub-block and the MLP sub-block separately.
 
-A dropped sub-block is replaced by a module that adds nothing to the residual stream, so the
-layer's input passes through; its weights are not touched and no compute is spent on them.
+A dropped sub-block is replaced, the way its family says (``Family.drop``), by a module that
+adds nothing to the residual stream, so the layer's input passes through; its weights are not
+touched and no compute is spent on them.
 """
 
 from __future__ import annotations
@@ -10,25 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from latency_models.table import CostTable
 from spaces.base import Block, Gene, SearchSpace, block_tables
 from spaces.structure import Structure
-
-
-class DroppedAttention(nn.Module):
-    """Stands in for a removed attention block: contributes zero to the residual."""
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        return torch.zeros_like(hidden_states), None
-
-
-class DroppedMLP(nn.Module):
-    """Stands in for a removed MLP block: contributes zero to the residual."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
 
 
 class DepthSpace(SearchSpace):
@@ -43,28 +29,26 @@ class DepthSpace(SearchSpace):
     ) -> None:
         """``windows`` and ``batch_size`` are unused: dropping a block needs no scoring."""
         super().__init__(structure, seq_len)
-        genes = []
-        for layer in structure.layers:
-            genes.append(Gene(f"{layer.prefix}.self_attn", "attn", (False, True), (0.0, 1.0)))
-            genes.append(Gene(f"{layer.prefix}.mlp", "mlp", (False, True), (0.0, 1.0)))
-        self.genes = tuple(genes)
-        self._dropped_attn = DroppedAttention()
-        self._dropped_mlp = DroppedMLP()
+        self.genes = tuple(
+            Gene(layer.name(block.name), block.kind, (False, True), (0.0, 1.0))
+            for layer in structure.layers
+            for block in (layer.attn, layer.mlp)
+        )
 
     def apply(self, candidate: Sequence[int]) -> None:
+        s = self.structure
         for gi, level in enumerate(candidate):
-            layer = self.structure.layers[gi // 2]
-            if gi % 2 == 0:
-                layer.block.self_attn = layer.attn if level else self._dropped_attn
+            layer, kind = s.layers[gi // 2], self.genes[gi].kind
+            if level:
+                s.restore(layer, kind)
             else:
-                layer.block.mlp = layer.mlp if level else self._dropped_mlp
+                s.drop(layer, kind)
 
     def cost_tables(self) -> dict[str, CostTable]:
         s = self.structure
-        attn = [(0, s.kv_heads)] * len(s.layers)
-        mlp = [(0, s.intermediate)] * len(s.layers)
+        levels = {"attn": (0, s.kv_heads), "mlp": (0, s.intermediate)}
         order = [(g.kind, i // 2) for i, g in enumerate(self.genes)]
-        tables = block_tables(s, self.seq_len, attn, mlp, order)
+        tables = block_tables(s, self.seq_len, levels, order)
         tables["blocks"] = CostTable.build("blocks", 0.0, [[0.0, 1.0]] * len(self.genes))
         return tables
 

@@ -17,23 +17,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from latency_models.table import CostTable
-from spaces.base import (
-    Block,
-    Gene,
-    SearchSpace,
-    attention_costs,
-    dense_blocks,
-    digest,
-    fixed_costs,
-    mlp_costs,
-)
+from searcher.families.base import in_axis
+from spaces.base import Block, Gene, SearchSpace, block_costs, dense_blocks, digest, fixed_costs
 from spaces.importance import input_statistics
-from spaces.structure import ATTN_PROJ, MLP_PROJ, Structure
-
-PROJ = ATTN_PROJ + MLP_PROJ
-
+from spaces.structure import Structure
 
 OWL_M = 5.0  # OWL's outlier threshold: a score above M times the layer's mean (paper default)
 
@@ -64,29 +54,33 @@ class SparsitySpace(SearchSpace):
         n = int(max_sparsity / step + 1e-9)
         self.step, self.max_sparsity = step, max_sparsity
         self.sparsities = tuple(round(step * k, 6) for k in range(n, -1, -1))
-        self.linears = [(layer, p) for layer in structure.layers for p in PROJ]
+        # every matmul weight of every block, as (layer, module path relative to the layer)
+        self.linears = [
+            (layer, slab.tensor.removesuffix(".weight"))
+            for layer in structure.layers
+            for block in (layer.attn, layer.mlp)
+            for slab in block.slabs
+            if slab.matmul
+        ]
         self.genes = tuple(
             Gene(
-                layer.linear_name(p),
+                layer.name(p),
                 "linear",
                 self.sparsities,
                 tuple(1.0 - x for x in self.sparsities),
             )  # fmt: skip
             for layer, p in self.linears
         )
-        modules = {layer.linear_name(p): layer.linear(p) for layer, p in self.linears}
+        modules = {layer.name(p): layer.module.get_submodule(p) for layer, p in self.linears}
         stats = input_statistics(structure.model, modules, windows, batch_size)
-        self._dense: list[torch.Tensor] = []
+        self._dense: list[torch.Tensor] = []  # [out, in] (transposed views of Conv1D weights)
         self._rank: list[torch.Tensor] = []
         self._outliers: list[float] = []  # OWL's outlier ratio of each gene's decoder layer
-        layer_scores: list[torch.Tensor] = []
+        per_layer: dict[int, list[torch.Tensor]] = {}
         for layer, p in self.linears:
-            w = layer.linear(p).weight.detach()
-            score = w.abs().double() * stats[layer.linear_name(p)]["l2"][None, :].to(w.device)
-            layer_scores.append(score.flatten())
-            if len(layer_scores) == len(PROJ):
-                self._outliers += [outlier_ratio(torch.cat(layer_scores))] * len(PROJ)
-                layer_scores = []
+            w = _rows_out(modules[layer.name(p)]).detach()
+            score = w.abs().double() * stats[layer.name(p)]["l2"][None, :].to(w.device)
+            per_layer.setdefault(layer.index, []).append(score.flatten())
             order = torch.argsort(score, dim=1, stable=True)
             rank_dtype = torch.int16 if w.shape[1] < 2**15 else torch.int32
             rank = torch.empty_like(order, dtype=rank_dtype)
@@ -94,6 +88,8 @@ class SparsitySpace(SearchSpace):
             rank.scatter_(1, order, cols.expand_as(order).contiguous())
             self._rank.append(rank)
             self._dense.append(w.clone())
+        ratios = {i: outlier_ratio(torch.cat(scores)) for i, scores in per_layer.items()}
+        self._outliers = [ratios[layer.index] for layer, _ in self.linears]
         self._applied = list(self.dense())
 
     def _zeroed(self, gi: int, level: int) -> int:
@@ -109,22 +105,21 @@ class SparsitySpace(SearchSpace):
                     continue
                 layer, p = self.linears[gi]
                 k = self._zeroed(gi, level)
-                torch.mul(self._dense[gi], self._rank[gi] >= k, out=layer.linear(p).weight.data)
+                out = _rows_out(layer.module.get_submodule(p)).data
+                torch.mul(self._dense[gi], self._rank[gi] >= k, out=out)
                 self._applied[gi] = level
 
     def cost_tables(self) -> dict[str, CostTable]:
         s = self.structure
         fixed = fixed_costs(s, self.seq_len)
-        dense_blocks = [
-            cost(s, layer.index, width, self.seq_len)
+        dense = [
+            block_costs(s, layer, kind, s.units(kind), self.seq_len)
             for layer in s.layers
-            for cost, width in ((attention_costs, s.kv_heads), (mlp_costs, s.intermediate))
+            for kind in ("attn", "mlp")
         ]
-        flops = fixed["flops"] + sum(f for f, _ in dense_blocks)
-        biases = sum(
-            layer.linear(p).bias.numel() for layer, p in self.linears
-            if layer.linear(p).bias is not None
-        )  # fmt: skip
+        flops = fixed["flops"] + sum(f for f, _ in dense)
+        # what a block holds besides its matmul weights (biases, norms) stays dense
+        others = sum(p for _, p in dense) - sum(w.numel() for w in self._dense)
         nonzero = []
         for gi in range(len(self.genes)):
             rows, cols = self._dense[gi].shape
@@ -134,7 +129,7 @@ class SparsitySpace(SearchSpace):
         zeros = [[0.0] * len(self.sparsities) for _ in self.genes]
         return {
             "flops": CostTable.build("flops", flops, zeros),
-            "params": CostTable.build("params", fixed["params"] + biases, nonzero),
+            "params": CostTable.build("params", fixed["params"] + others, nonzero),
             "nonzero": CostTable.build("nonzero", 0.0, nonzero),
         }
 
@@ -147,7 +142,7 @@ class SparsitySpace(SearchSpace):
     def priors(self) -> dict[str, Any]:
         """``outlier_ratio``: per gene, the share of its decoder layer's weights whose Wanda
         score exceeds ``OWL_M`` times the layer's mean score (OWL's layerwise outlier
-        distribution, computed over all seven projections of the layer together)."""
+        distribution, computed over all the layer's projections together)."""
         return {"outlier_ratio": list(self._outliers)}
 
     def fingerprint(self) -> str:
@@ -155,3 +150,8 @@ class SparsitySpace(SearchSpace):
 
     def options(self) -> dict[str, Any]:
         return {"step": self.step, "max_sparsity": self.max_sparsity}
+
+
+def _rows_out(module: nn.Module) -> torch.Tensor:
+    """A matmul weight as [out, in] (a transposed view of GPT-2's Conv1D [in, out])."""
+    return module.weight if in_axis(module) == 1 else module.weight.t()

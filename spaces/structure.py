@@ -1,105 +1,110 @@
-"""Where the prunable parts of a decoder-only transformer live, and their shapes.
+"""A resident model seen through its family: its decoder layers, their blocks and sizes.
 
-Supports the Llama layout (Llama, Mistral, Qwen2, Qwen3, SmolLM and kin): ``model.layers[i]``
-with ``self_attn.{q,k,v,o}_proj`` and a gated ``mlp.{gate,up,down}_proj``.
+Spaces, cost models and exports reach a model's weights only through this and the family
+(``searcher.families``); none of them knows any family's layout.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import nn
 
-from searcher.errors import SearcherError
-
-ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+from searcher.families import BlockLayout, Family, Shapes, family_of
+from searcher.families.base import get_tensor, set_tensor
 
 
 @dataclass
 class Layer:
     index: int
     prefix: str  # module name of the decoder layer, e.g. "model.layers.3"
-    block: nn.Module
-    attn: nn.Module
-    mlp: nn.Module
+    module: nn.Module
+    attn: BlockLayout
+    mlp: BlockLayout
+    # the shape of every tensor the blocks own, as loaded (spaces change the tensors later)
+    sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    _removed: dict[str, Any] = field(default_factory=dict)  # kind -> the module taken out
 
-    def linear(self, name: str) -> nn.Linear:
-        owner = self.attn if name in ATTN_PROJ else self.mlp
-        return getattr(owner, name)
+    def block(self, kind: str) -> BlockLayout:
+        return self.attn if kind == "attn" else self.mlp
 
-    def linear_name(self, name: str) -> str:
-        owner = "self_attn" if name in ATTN_PROJ else "mlp"
-        return f"{self.prefix}.{owner}.{name}"
+    def name(self, path: str) -> str:
+        """A path relative to the layer as a module name in the model."""
+        return f"{self.prefix}.{path}"
+
+    def tensor(self, path: str) -> torch.Tensor:
+        return get_tensor(self.module, path)
+
+    def set(self, path: str, value: torch.Tensor) -> None:
+        set_tensor(self.module, path, value)
 
 
 @dataclass
 class Structure:
-    """The model and the shapes every space and cost model needs."""
+    """The model, its family, its layers and the sizes every space and cost model needs."""
 
     model: nn.Module
+    family: Family
+    shapes: Shapes
     layers: list[Layer]
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
     tied: bool
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head."""
-        return self.heads // self.kv_heads
+    fixed: int  # parameters no block owns: embeddings, LM head (unless tied), the layers' norms
 
     @classmethod
     def of(cls, model: nn.Module) -> Structure:
-        cfg = getattr(model, "config", None)
-        base = getattr(model, "model", None)
-        blocks = getattr(base, "layers", None)
-        if cfg is None or blocks is None or not len(blocks):
-            raise SearcherError(
-                f"unsupported model {type(model).__name__}: searcher needs a decoder-only causal "
-                "LM with the Llama layout (model.layers[i].self_attn / .mlp), such as Llama, "
-                "Mistral, Qwen2 or SmolLM"
-            )
-        layers = []
-        for i, block in enumerate(blocks):
-            attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
-            ok = attn is not None and mlp is not None
-            ok = ok and all(isinstance(getattr(attn, n, None), nn.Linear) for n in ATTN_PROJ)
-            ok = ok and all(isinstance(getattr(mlp, n, None), nn.Linear) for n in MLP_PROJ)
-            if not ok:
-                raise SearcherError(
-                    f"unsupported layer layout in {type(model).__name__} layer {i}: expected "
-                    "self_attn.{q,k,v,o}_proj and a gated mlp.{gate,up,down}_proj"
-                )
-            layers.append(Layer(i, f"model.layers.{i}", block, attn, mlp))
-        heads = cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        family = family_of(model)
+        shapes = family.shapes(model)
+        modules = list(family.decoder_layers(model))
+        attn, mlp = (_layout(family, kind, shapes, modules) for kind in ("attn", "mlp"))
+        prefix = family.layers_path
+        layers = [Layer(i, f"{prefix}.{i}", m, attn, mlp) for i, m in enumerate(modules)]
+        owned: set[int] = set()
+        for layer in layers:
+            for block in (layer.attn, layer.mlp):
+                for path in [*(s.tensor for s in block.slabs), *block.owned]:
+                    try:
+                        t = layer.tensor(path)
+                    except AttributeError:  # a pruned model without this layer's block
+                        continue
+                    layer.sizes[path] = tuple(t.shape)
+                    owned.add(id(t))
+        params = {id(p): p for p in model.parameters()}
+        fixed = sum(p.numel() for k, p in params.items() if k not in owned)
         tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-        return cls(
-            model=model,
-            layers=layers,
-            hidden=cfg.hidden_size,
-            heads=heads,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            intermediate=cfg.intermediate_size,
-            vocab=model.get_output_embeddings().weight.shape[0],
-            tied=tied,
-        )
+        return cls(model, family, shapes, layers, tied, fixed)
+
+    hidden = property(lambda self: self.shapes.hidden)
+    heads = property(lambda self: self.shapes.heads)
+    kv_heads = property(lambda self: self.shapes.kv_heads)
+    head_dim = property(lambda self: self.shapes.head_dim)
+    intermediate = property(lambda self: self.shapes.intermediate)
+    vocab = property(lambda self: self.shapes.vocab)
+    group_size = property(lambda self: self.shapes.group_size)
+
+    def units(self, kind: str) -> int:
+        return self.kv_heads if kind == "attn" else self.intermediate
+
+    def drop(self, layer: Layer, kind: str) -> None:
+        if kind not in layer._removed:
+            layer._removed[kind] = self.family.drop(layer.module, layer.block(kind))
+
+    def restore(self, layer: Layer, kind: str) -> None:
+        if kind in layer._removed:
+            self.family.restore(layer.module, layer.block(kind), layer._removed.pop(kind))
 
     def fixed_params(self) -> int:
-        """Parameters no space prunes: embeddings, LM head (unless tied), norms."""
-        prunable = {
-            id(layer.linear(n).weight) for layer in self.layers for n in ATTN_PROJ + MLP_PROJ
-        }
-        prunable |= {
-            id(layer.linear(n).bias)
-            for layer in self.layers
-            for n in ATTN_PROJ + MLP_PROJ
-            if layer.linear(n).bias is not None
-        }
-        return sum(p.numel() for p in self.model.parameters() if id(p) not in prunable)
+        """Parameters no block owns: embeddings, LM head (unless tied), the layers' norms."""
+        return self.fixed
+
+
+def _layout(family: Family, kind: str, shapes: Shapes, modules: list[nn.Module]) -> BlockLayout:
+    """A block's layout, read from the first layer that still has that block (a pruned model
+    may have removed it from some; one that removed it from all has ``Removed``)."""
+    for module in modules:
+        try:
+            return family.block(kind, shapes, module)
+        except AttributeError:
+            continue
+    return BlockLayout(kind, "", 0, (), "")

@@ -6,10 +6,13 @@ attention kernels assume, and it shrinks the K/V projections and the KV cache to
 query heads inside groups instead would leave groups of unequal size, which standard GQA
 kernels cannot run. For multi-head attention (one query head per KV head) the two coincide.
 
-Which neurons and groups go is fixed once per run by an activation-aware score
-(mean |input| of down_proj / o_proj times the L2 norm of the matching weight column). The
-weights are then permuted, once, so that every level keeps a prefix: applying a candidate
-points each layer at slices of the full weights, with no copy.
+Which neurons and groups go is fixed once per run by an activation-aware score (at the
+block's output projection, e.g. Llama's down_proj / o_proj: mean |input| times the L2 norm of
+the matching weight column, summed over the unit's features). The weights are then permuted,
+once, so that every level keeps a prefix: applying a candidate points each layer at slices of
+the full weights, with no copy (fused projections, whose units own several segments, gather
+the kept rows instead). Which tensors a unit owns is the model family's business
+(``searcher.families``).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from typing import Any
 import torch
 
 from latency_models.table import CostTable
-from spaces.base import Block, Gene, SearchSpace, block_tables, digest, set_linear
+from searcher.families import BlockLayout
+from searcher.families.base import in_axis
+from spaces.base import Block, Gene, SearchSpace, block_tables, digest
 from spaces.importance import input_statistics
-from spaces.structure import Structure
+from spaces.structure import Layer, Structure
 
 
 class WidthSpace(SearchSpace):
@@ -53,7 +58,7 @@ class WidthSpace(SearchSpace):
         for layer in s.layers:
             genes.append(
                 Gene(
-                    f"{layer.prefix}.self_attn",
+                    layer.name(layer.attn.name),
                     "attn",
                     tuple(g * s.group_size for g in self.group_counts),
                     tuple(g / s.kv_heads for g in self.group_counts),
@@ -61,7 +66,7 @@ class WidthSpace(SearchSpace):
             )
             genes.append(
                 Gene(
-                    f"{layer.prefix}.mlp",
+                    layer.name(layer.mlp.name),
                     "mlp",
                     tuple(self.mlp_sizes),
                     tuple(k / s.intermediate for k in self.mlp_sizes),
@@ -74,45 +79,35 @@ class WidthSpace(SearchSpace):
     def _rank(self, windows: torch.Tensor, batch_size: int) -> None:
         """Score neurons and KV groups on calibration tokens; permute so the best come first."""
         s = self.structure
-        modules = {}
-        for layer in s.layers:
-            modules[f"{layer.index}.down"] = layer.mlp.down_proj
-            modules[f"{layer.index}.o"] = layer.attn.o_proj
+        modules = {
+            layer.name(block.score): layer.module.get_submodule(block.score)
+            for layer in s.layers
+            for block in (layer.attn, layer.mlp)
+        }
         stats = input_statistics(s.model, modules, windows, batch_size)
         self.neuron_order: list[list[int]] = []
         self.group_order: list[list[int]] = []
         self._scores: list[tuple[list[float], list[float]]] = []  # (groups, neurons), sorted
-        self._full: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = []
-        span = s.group_size * s.head_dim
+        self._full: list[dict[str, torch.Tensor]] = []  # per layer: permuted slabs by path
         for layer in s.layers:
-            with torch.no_grad():
-                down = layer.mlp.down_proj.weight
-                neuron = stats[f"{layer.index}.down"]["mean_abs"] * down.double().norm(dim=0)
-                o = layer.attn.o_proj.weight
-                per_dim = stats[f"{layer.index}.o"]["mean_abs"] * o.double().norm(dim=0)
-                group = per_dim.reshape(s.kv_heads, span).sum(1)
-                n_order = torch.argsort(neuron, descending=True, stable=True).to(down.device)
-                g_order = torch.argsort(group, descending=True, stable=True).to(o.device)
-                q_rows = _expand(g_order, span)
-                kv_rows = _expand(g_order, s.head_dim)
-                full = {}
-                for name, rows in (
-                    ("gate_proj", n_order), ("up_proj", n_order),
-                    ("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows),
-                ):  # fmt: skip
-                    lin = layer.linear(name)
-                    bias = None if lin.bias is None else lin.bias[rows].contiguous()
-                    full[name] = (lin.weight[rows].contiguous(), bias)
-                for name, cols in (("down_proj", n_order), ("o_proj", q_rows)):
-                    lin = layer.linear(name)
-                    bias = None if lin.bias is None else lin.bias.detach()
-                    full[name] = (lin.weight[:, cols].contiguous(), bias)
-            for name, (w, b) in full.items():  # run on the permuted copy; free the original
-                set_linear(layer.linear(name), w, b)
+            full: dict[str, torch.Tensor] = {}
+            scores, orders = [], []
+            for block in (layer.attn, layer.mlp):
+                with torch.no_grad():
+                    score = _unit_scores(layer, block, stats[layer.name(block.score)])
+                    order = torch.argsort(score, descending=True, stable=True)
+                    for slab in block.slabs:
+                        t = layer.tensor(slab.tensor).detach()
+                        rows = slab.indices(order.to(t.device), t.device)
+                        full[slab.tensor] = t.index_select(slab.axis, rows).contiguous()
+                scores.append(score[order].tolist())
+                orders.append(order.tolist())
+            for path, t in full.items():  # run on the permuted copy; free the original
+                layer.set(path, t)
             self._full.append(full)
-            self.neuron_order.append(n_order.tolist())
-            self.group_order.append(g_order.tolist())
-            self._scores.append((group[g_order.cpu()].tolist(), neuron[n_order.cpu()].tolist()))
+            self.group_order.append(orders[0])
+            self.neuron_order.append(orders[1])
+            self._scores.append((scores[0], scores[1]))
 
     def apply(self, candidate: Sequence[int]) -> None:
         s = self.structure
@@ -120,30 +115,22 @@ class WidthSpace(SearchSpace):
             if self._applied[gi] == level:
                 continue
             layer, full = s.layers[gi // 2], self._full[gi // 2]
-            if gi % 2 == 0:
-                groups = self.group_counts[level]
-                q = groups * s.group_size * s.head_dim
-                kv = groups * s.head_dim
-                for name, n in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-                    w, b = full[name]
-                    set_linear(layer.linear(name), w[:n], None if b is None else b[:n])
-                w, b = full["o_proj"]
-                set_linear(layer.linear("o_proj"), w[:, :q], b)
-            else:
-                k = self.mlp_sizes[level]
-                for name in ("gate_proj", "up_proj"):
-                    w, b = full[name]
-                    set_linear(layer.linear(name), w[:k], None if b is None else b[:k])
-                w, b = full["down_proj"]
-                set_linear(layer.linear("down_proj"), w[:, :k], b)
+            block = layer.attn if gi % 2 == 0 else layer.mlp
+            units = self.group_counts[level] if gi % 2 == 0 else self.mlp_sizes[level]
+            for slab in block.slabs:
+                w = full[slab.tensor]
+                if slab.is_prefix():  # a view: no copy
+                    layer.set(slab.tensor, w.narrow(slab.axis, 0, slab.size(units)))
+                else:  # fused segments: gather each segment's first units
+                    keep = slab.indices(range(units), w.device)
+                    layer.set(slab.tensor, w.index_select(slab.axis, keep))
+            s.family.resized(layer.module, block, units, s.shapes)
             self._applied[gi] = level
 
     def cost_tables(self) -> dict[str, CostTable]:
-        n = len(self.structure.layers)
-        attn = [self.group_counts] * n
-        mlp = [self.mlp_sizes] * n
+        levels = {"attn": self.group_counts, "mlp": self.mlp_sizes}
         order = [(g.kind, i // 2) for i, g in enumerate(self.genes)]
-        return block_tables(self.structure, self.seq_len, attn, mlp, order)
+        return block_tables(self.structure, self.seq_len, levels, order)
 
     def blocks(self) -> tuple[list[Block], list[list[Block | None]]]:
         attn: list[Block | None] = [("attn", g) for g in self.group_counts]
@@ -195,6 +182,17 @@ class WidthSpace(SearchSpace):
         }
 
 
-def _expand(order: torch.Tensor, span: int) -> torch.Tensor:
-    """Row indices of whole blocks of ``span`` rows, blocks taken in ``order``."""
-    return (order[:, None] * span + torch.arange(span, device=order.device)[None, :]).reshape(-1)
+def _unit_scores(layer: Layer, block: BlockLayout, stats: dict[str, torch.Tensor]):
+    """Each unit's activation-aware score: over the features it feeds the block's output
+    projection, mean |input| times the L2 norm of the weight's matching column (or row)."""
+    module = layer.module.get_submodule(block.score)
+    w = module.weight
+    axis = in_axis(module)
+    per_feature = stats["mean_abs"] * w.double().norm(dim=1 - axis)
+    slab = block.score_slab
+    total = 0
+    for off, span in slab.segments:
+        total = total + per_feature[off : off + block.units * span].reshape(block.units, span).sum(
+            1
+        )
+    return total.cpu()

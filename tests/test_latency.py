@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import spaces
-from latency_models.backends import Measurement, Timing, backend
-from latency_models.graph import Decoder, weights_of
+from latency_models.backends import Measurement, Timing, backend, ort_options
+from latency_models.graph import Decoder
 from latency_models.latency_table import LatencyTable, WorkloadTable
 from latency_models.onnx_graph import build
 from latency_models.profile import architecture
@@ -27,6 +27,7 @@ from latency_models.workload import Workload
 from searcher.budget import Budget
 from searcher.cli import main
 from searcher.errors import SearcherError
+from searcher.families import family_of
 from searcher.latency import (
     LatencySettings,
     Meter,
@@ -105,7 +106,7 @@ def test_lean_decoder_and_onnx_graph_compute_what_hf_computes(kind: str, space_n
             (prefill.workload, (ids,), out), (decode.workload, (nxt, *out[1:]), step)
         ):  # fmt: skip
             graph = build(weights, wl)
-            opts = ort.SessionOptions()
+            opts = ort_options()
             opts.add_external_initializers(
                 list(graph.weights),
                 [ort.OrtValue.ortvalue_from_numpy(a) for a in graph.weights.values()],  # fmt: skip
@@ -122,12 +123,13 @@ def test_onnx_graph_saves_as_a_standalone_model(tmp_path: Path) -> None:
     import onnx
     import onnxruntime as ort
 
-    weights = weights_of(tiny_model())
+    model = tiny_model()
+    weights = family_of(model).lean(model)
     wl = Workload("prefill", 1, 8)
     graph = build(weights, wl)
     graph.save(str(tmp_path / "m.onnx"))
     onnx.checker.check_model(str(tmp_path / "m.onnx"))
-    sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), ort_options())
     ids = torch.arange(8)[None]
     with torch.no_grad():
         ref = Decoder(weights, wl)(ids)[0]
@@ -290,10 +292,12 @@ def wide_dir(tmp_path_factory) -> Path:
 
 
 def _wide_session(wide_dir: Path):
-    from searcher.run import open_session
+    from searcher.run import SessionKey, open_session
 
     return open_session(
-        str(wide_dir), None, "width", {"mlp_steps": 4}, 32, 2, 2, 2, 4, "cpu", "float32", False
+        SessionKey(
+            str(wide_dir), None, "width", {"mlp_steps": 4}, 32, 2, 2, 2, 4, "cpu", "float32", False
+        )
     )
 
 

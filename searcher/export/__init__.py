@@ -223,8 +223,7 @@ def export_torch_pruning(
     from searcher.export.torch_pruning_spec import prune_channels, spec
     from searcher.run import model_source
 
-    s = session.space.structure
-    doc = spec(config, s.head_dim, s.group_size, s.intermediate, s.kv_heads)
+    doc = spec(config, session.space.structure)
     source = model_source(config, model)
     dense = models.load(source, "cpu", config.get("dtype", "float32"), trust_remote_code).model
     check = faithful(session, genes, prune_channels(dense, doc["channels"]))
@@ -251,14 +250,21 @@ def export_onnx(pruned: Any, session: Any, out: Path, tol: float = 1e-3) -> dict
     import onnxruntime as ort
     import torch
 
-    from latency_models.graph import weights_of
+    from latency_models.backends import ort_options
     from latency_models.onnx_graph import build
     from latency_models.workload import Workload
 
-    out.mkdir(parents=True, exist_ok=True)
     ids = session.windows.validation[:1].cpu()
     s = ids.shape[1] - 1
-    weights = weights_of(pruned)
+    weights = session.space.structure.family.lean(pruned)
+    windows = [a.sliding_window for a, _ in weights.layers if a is not None and a.sliding_window]
+    if windows and min(windows) < s + 1:
+        raise SearcherError(
+            f"the ONNX graph does not apply sliding-window attention, and this model's window "
+            f"({min(windows)} tokens) is shorter than the export's {s + 1}: search with "
+            f"--seq-len {min(windows)} or less to export it to ONNX"
+        )
+    out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         full = pruned(ids, use_cache=False).logits.float()
     expect = {"prefill": full[:, s - 1].numpy(), "decode": full[:, s].numpy()}
@@ -268,7 +274,7 @@ def export_onnx(pruned: Any, session: Any, out: Path, tol: float = 1e-3) -> dict
         graph = build(weights, wl)
         path = out / f"{wl.kind}.onnx"
         graph.save(str(path))
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), ort_options(), providers=["CPUExecutionProvider"])
         first = ids[:, :s] if wl.prefill else ids[:, s:]
         feed = {graph.inputs[0]: first.numpy(), **dict(zip(graph.inputs[1:], cache))}
         got = sess.run(None, feed)

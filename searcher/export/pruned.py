@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from searcher.errors import SearcherError
-from spaces.depth import DroppedAttention, DroppedMLP
+from searcher.families import family_for
+from searcher.families.base import resize_to, units_of
+from spaces.structure import Structure
 
 FORMAT = "searcher-pruned/1"
 CONFIG = "pruned_config.json"
@@ -27,18 +29,20 @@ WEIGHTS = "model.safetensors"
 
 def layer_shapes(model: nn.Module) -> list[dict[str, int]]:
     """Per decoder layer: query heads, KV heads and MLP neurons (0: the block is removed)."""
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    s = Structure.of(model)
     out = []
-    for block in model.model.layers:
-        a, m = block.self_attn, block.mlp
-        has_attn = hasattr(a, "q_proj")
-        has_mlp = hasattr(m, "gate_proj")
+    for layer in s.layers:
+        groups, neurons = (
+            0
+            if not block.slabs or s.family.is_dropped(layer.module, block)
+            else units_of(layer.module, block)
+            for block in (layer.attn, layer.mlp)
+        )
         out.append(
             {
-                "num_heads": a.q_proj.out_features // head_dim if has_attn else 0,
-                "num_key_value_heads": a.k_proj.out_features // head_dim if has_attn else 0,
-                "intermediate_size": m.gate_proj.out_features if has_mlp else 0,
+                "num_heads": groups * s.group_size,
+                "num_key_value_heads": groups,
+                "intermediate_size": neurons,
             }
         )
     return out
@@ -54,37 +58,35 @@ def save_pruned(model: nn.Module, out: Path, header: dict[str, Any]) -> dict[str
     from safetensors.torch import save_model
 
     out.mkdir(parents=True, exist_ok=True)
+    s = Structure.of(model)
     shapes = layer_shapes(model)
     cfg = model.config.to_dict()
-    head_dim = getattr(model.config, "head_dim", None) or (
-        model.config.hidden_size // model.config.num_attention_heads
-    )
     record = {
         "format": FORMAT,
+        "family": s.family.name,
         "base_config": cfg,
-        "head_dim": head_dim,
+        "head_dim": s.head_dim,
         "layers": shapes,
         "searcher": header,
     }
     save_model(model, str(out / WEIGHTS))  # shared (tied) tensors stored once
     (out / CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    hf = uniform(shapes)
-    if hf:
-        hf_cfg = dict(cfg)
-        hf_cfg.update(
-            num_attention_heads=shapes[0]["num_heads"],
-            num_key_value_heads=shapes[0]["num_key_value_heads"],
-            intermediate_size=shapes[0]["intermediate_size"],
-            head_dim=head_dim,
+    hf_cfg = None
+    if uniform(shapes):
+        first = shapes[0]
+        hf_cfg = s.family.config_for(
+            cfg, s.shapes, first["num_key_value_heads"], first["intermediate_size"]
         )
+    if hf_cfg is not None:
         (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
-    return {"layers": shapes, "huggingface_checkpoint": hf}
+    return {"layers": shapes, "huggingface_checkpoint": hf_cfg is not None}
 
 
 def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The pruned model saved by ``save_pruned`` (or ``searcher export --format pruned``)."""
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     path = Path(path)
     try:
@@ -93,51 +95,37 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
             raise SearcherError(f"{path / CONFIG} is not a {FORMAT} record")
         base = dict(record["base_config"])
         shapes = record["layers"]
-        head_dim = int(record["head_dim"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SearcherError(f"{path} is not a pruned searcher model: {exc}") from None
     model_type = base.pop("model_type", None)
+    family_for(model_type)
     try:
         config = AutoConfig.for_model(model_type, **base)
     except (ValueError, KeyError) as exc:
         raise SearcherError(f"{path}: cannot rebuild a {model_type!r} config: {exc}") from None
-    config.head_dim = head_dim
-    with torch.device("meta"):
+    # built on the CPU (buffers such as rotary tables and embedding scales computed as the
+    # model computes them) but not initialised: the weights come from the file
+    with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for block, s in zip(model.model.layers, shapes, strict=True):
-        _shape_layer(block, s, head_dim, config.hidden_size, dtype)
-    model.to_empty(device="cpu")
+    s = Structure.of(model)
+    if len(shapes) != len(s.layers):
+        raise SearcherError(
+            f"{path}: {len(shapes)} layers recorded, the config has {len(s.layers)}"
+        )
+    for layer, shape in zip(s.layers, shapes):
+        for kind, units in (
+            ("attn", shape["num_key_value_heads"]), ("mlp", shape["intermediate_size"])
+        ):  # fmt: skip
+            if units == 0:
+                s.drop(layer, kind)
+            elif units != s.units(kind):
+                resize_to(s.family, layer.module, layer.block(kind), units, s.shapes)
     model.tie_weights()  # before loading: a tied head is stored once, under one name
     missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
-    # buffers (rotary frequencies) are not in the file: recompute them
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    missing = sorted(m for m in missing if "rotary" not in m)
     if unexpected or missing:
         raise SearcherError(
-            f"{path}: the weights do not fit the recorded shapes (missing {missing[:3]}, "
+            f"{path}: the weights do not fit the recorded shapes (missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]})"
         )
     model.tie_weights()
     return model.eval().requires_grad_(False)
-
-
-def _shape_layer(block: nn.Module, s: dict[str, int], head_dim: int, hidden: int, dtype) -> None:
-    def linear(rows: int, cols: int, bias: bool) -> nn.Linear:
-        return nn.Linear(cols, rows, bias=bias, dtype=dtype)
-
-    a, m = block.self_attn, block.mlp
-    if s["num_heads"] == 0:
-        block.self_attn = DroppedAttention()
-    else:
-        q, kv = s["num_heads"] * head_dim, s["num_key_value_heads"] * head_dim
-        a.q_proj = linear(q, hidden, a.q_proj.bias is not None)
-        a.k_proj = linear(kv, hidden, a.k_proj.bias is not None)
-        a.v_proj = linear(kv, hidden, a.v_proj.bias is not None)
-        a.o_proj = linear(hidden, q, a.o_proj.bias is not None)
-    if s["intermediate_size"] == 0:
-        block.mlp = DroppedMLP()
-    else:
-        w = s["intermediate_size"]
-        m.gate_proj = linear(w, hidden, m.gate_proj.bias is not None)
-        m.up_proj = linear(w, hidden, m.up_proj.bias is not None)
-        m.down_proj = linear(hidden, w, m.down_proj.bias is not None)

@@ -48,36 +48,35 @@ def refuse_unless_width(config: dict[str, Any]) -> None:
         )
 
 
-def spec(config: dict[str, Any], head_dim: int, group_size: int, intermediate: int,
-         kv_heads: int) -> dict[str, Any]:  # fmt: skip
-    """The Torch-Pruning spec of a width config (see the module docstring)."""
+def spec(config: dict[str, Any], structure: Any) -> dict[str, Any]:
+    """The Torch-Pruning spec of a width config (see the module docstring); ``structure`` is
+    the dense model's ``spaces.Structure``, whose family says which channels a unit owns."""
     refuse_unless_width(config)
+    blocks = {
+        layer.name(block.name): (layer, block)
+        for layer in structure.layers
+        for block in (layer.attn, layer.mlp)
+    }
     ratios: dict[str, float] = {}
     ignored = ["lm_head"]
     out: dict[str, list[int]] = {}
     into: dict[str, list[int]] = {}
+    attention: dict[str, dict[str, list[int]]] = {"out": {}, "in": {}}
     for name, detail in config["config"].items():
-        if name.endswith(".mlp"):
-            kept = set(detail["kept_neurons"])
-            gone = [i for i in range(intermediate) if i not in kept]
-            ratios[name] = ratio_for(intermediate, len(kept))
-            ignored.append(f"{name}.down_proj")
-            for proj in ("gate_proj", "up_proj"):
-                out[f"{name}.{proj}"] = gone
-            into[f"{name}.down_proj"] = gone
+        layer, block = blocks[name]
+        key = "kept_kv_groups" if block.kind == "attn" else "kept_neurons"
+        kept = set(detail[key])
+        gone = [u for u in range(block.units) if u not in kept]
+        channels = _channels(layer, block, gone, structure.family.name)
+        if block.kind == "mlp":
+            ratios[name] = ratio_for(block.units, len(kept))
+            ignored.append(layer.name(block.score))
         else:
-            kept = set(detail["kept_kv_groups"])
-            groups = [g for g in range(kv_heads) if g not in kept]
-            q = [c for g in groups for c in range(g * group_size * head_dim,
-                                                  (g + 1) * group_size * head_dim)]  # fmt: skip
-            kv = [c for g in groups for c in range(g * head_dim, (g + 1) * head_dim)]
-            ignored += [f"{name}.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-            out.update({f"{name}.q_proj": q, f"{name}.k_proj": kv, f"{name}.v_proj": kv})
-            into[f"{name}.o_proj"] = q
-    attention = {
-        "out": {k: v for k, v in out.items() if ".self_attn." in k and v},
-        "in": {k: v for k, v in into.items() if ".self_attn." in k and v},
-    }
+            ignored += [m for side in channels.values() for m in side]
+            for side, by_module in channels.items():
+                attention[side].update({m: c for m, c in by_module.items() if c})
+        out.update(channels["out"])
+        into.update(channels["in"])
     return {
         "format": FORMAT,
         "model": config["model"],
@@ -92,6 +91,26 @@ def spec(config: dict[str, Any], head_dim: int, group_size: int, intermediate: i
             "in": {k: v for k, v in into.items() if v},
         },
     }
+
+
+def _channels(layer: Any, block: Any, gone: list[int], family: str) -> dict[str, dict]:
+    """The output channels (``out``) and input channels (``in``) of each nn.Linear that the
+    ``gone`` units own."""
+    found: dict[str, dict[str, list[int]]] = {"out": {}, "in": {}}
+    for slab in block.slabs:
+        owner, _, param = slab.tensor.rpartition(".")
+        module = layer.module.get_submodule(owner)
+        if param == "bias" and isinstance(module, nn.Linear):
+            continue  # Torch-Pruning cuts a linear's bias with its output channels
+        if param != "weight" or not isinstance(module, nn.Linear):
+            raise SearcherError(
+                f"Torch-Pruning's functional pruners take nn.Linear channels, and a {family} "
+                f"model's units also live in {slab.tensor} ({type(module).__name__}): export "
+                "--format pruned instead"
+            )
+        side = "out" if slab.axis == 0 else "in"
+        found[side][layer.name(owner)] = slab.indices(gone).tolist()
+    return found
 
 
 def prune_channels(model: nn.Module, channels: dict[str, dict[str, list[int]]]) -> nn.Module:

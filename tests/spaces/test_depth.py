@@ -73,7 +73,7 @@ def test_dropped_blocks_leave_the_residual_unchanged(built) -> None:
         captured["in"], captured["out"] = x.clone(), y.clone()
 
     layer = s.layers[1]
-    handle = layer.block.register_forward_hook(hook, with_kwargs=True)
+    handle = layer.module.register_forward_hook(hook, with_kwargs=True)
     try:
         c = list(space.dense())
         c[2], c[3] = 0, 0  # layer 1: attention and MLP both dropped
@@ -85,7 +85,7 @@ def test_dropped_blocks_leave_the_residual_unchanged(built) -> None:
         space.apply(c)
         logits(built.model, built.windows)
         with torch.inference_mode():
-            mlp = layer.mlp(layer.block.post_attention_layernorm(captured["in"]))
+            mlp = layer.module.mlp(layer.module.post_attention_layernorm(captured["in"]))
         torch.testing.assert_close(captured["out"], captured["in"] + mlp, atol=1e-6, rtol=1e-6)
         # Dense: the layer does change the residual.
         space.apply(space.dense())

@@ -16,6 +16,15 @@ KINDS = ["llama", "qwen2"]
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def linear(layer, name: str) -> torch.nn.Linear:
+    """A Llama-layout projection of a layer (these tiny models are Llama and Qwen2)."""
+    return layer.module.get_submodule(("self_attn." if name in PROJ[:4] else "mlp.") + name)
+
+
+def linear_name(layer, name: str) -> str:
+    return layer.name(("self_attn." if name in PROJ[:4] else "mlp.") + name)
+
+
 def input_norms(model, modules: dict[str, torch.nn.Module], windows, batch_size=4):
     """L2 norm over all calibration tokens of each input feature of each module."""
     sq: dict[str, torch.Tensor] = {}
@@ -43,7 +52,7 @@ def built(request):
     windows = torch.randint(0, model.config.vocab_size, (4, SEQ), generator=g)
     reference = logits(model, windows)
     structure = spaces.Structure.of(model)
-    modules = {layer.linear_name(p): layer.linear(p) for layer in structure.layers for p in PROJ}
+    modules = {linear_name(layer, p): linear(layer, p) for layer in structure.layers for p in PROJ}
     norms = input_norms(model, modules, windows)
     dense = {n: m.weight.detach().clone() for n, m in modules.items()}
     space = spaces.build("sparsity", structure, SEQ, windows)
@@ -98,8 +107,8 @@ def test_rows_have_exactly_the_level_s_zeros_at_the_lowest_scores(built) -> None
         space.apply(c)
         for gi, gene in enumerate(space.genes):
             layer = s.layers[gi // len(PROJ)]
-            weight = layer.linear(PROJ[gi % len(PROJ)]).weight.detach()
-            assert gene.name == layer.linear_name(PROJ[gi % len(PROJ)])
+            weight = linear(layer, PROJ[gi % len(PROJ)]).weight.detach()
+            assert gene.name == linear_name(layer, PROJ[gi % len(PROJ)])
             sparsity = gene.values[c[gi]]
             rows, cols = weight.shape
             k = zeros_expected(sparsity, cols)
@@ -128,7 +137,7 @@ def test_dense_restores_the_original_weights_and_logits(built) -> None:
     space.apply(space.dense())
     for layer in s.layers:
         for p in PROJ:
-            assert torch.equal(layer.linear(p).weight, built.dense[layer.linear_name(p)])
+            assert torch.equal(linear(layer, p).weight, built.dense[linear_name(layer, p)])
     torch.testing.assert_close(
         logits(built.model, built.windows), built.reference, atol=1e-5, rtol=1e-5
     )
@@ -190,7 +199,7 @@ def test_owl_outlier_ratios_pool_each_decoder_layer(built) -> None:
     ratios = built.space.priors()["outlier_ratio"]
     assert len(ratios) == len(built.space.genes)
     for layer in built.structure.layers:
-        names = [layer.linear_name(p) for p in PROJ]
+        names = [linear_name(layer, p) for p in PROJ]
         scores = torch.cat([
             (built.dense[n].abs().double() * built.norms[n][None, :].double()).flatten()
             for n in names

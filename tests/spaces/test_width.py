@@ -14,6 +14,12 @@ SEQ = 32
 KINDS = ["llama", "qwen2"]
 
 
+def linear(layer, name: str) -> torch.nn.Linear:
+    """A Llama-layout projection of a layer (these tiny models are Llama and Qwen2)."""
+    attn = name in ("q_proj", "k_proj", "v_proj", "o_proj")
+    return layer.module.get_submodule(("self_attn." if attn else "mlp.") + name)
+
+
 def mean_abs_inputs(model, modules: dict[str, torch.nn.Module], windows, batch_size=4):
     sums: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
@@ -45,7 +51,7 @@ def built(request):
     structure = spaces.Structure.of(model)
     modules = {}
     for layer in structure.layers:
-        modules[f"{layer.index}.down"] = layer.mlp.down_proj
+        modules[f"{layer.index}.down"] = layer.module.mlp.down_proj
     stats = mean_abs_inputs(model, modules, windows)
     space = spaces.build("width", structure, SEQ, windows)
     return SimpleNamespace(
@@ -93,7 +99,7 @@ def test_materialized_weights_are_compact(built) -> None:
     pruned = space.materialize(c)
     for layer in spaces.Structure.of(pruned).layers:
         for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-            w = layer.linear(name).weight
+            w = linear(layer, name).weight
             assert w.is_contiguous()
             assert w.untyped_storage().nbytes() == w.numel() * w.element_size(), name
 
@@ -150,7 +156,7 @@ def test_describe_matches_shapes_and_whole_kv_groups(built) -> None:
             assert a["num_heads"] == groups * s.group_size
             assert a["keep"] == pytest.approx(groups / s.kv_heads)
             assert len(a["kept_kv_groups"]) == groups
-            q, k, v, o = (layer.linear(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+            q, k, v, o = (linear(layer, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
             assert q.out_features == a["num_heads"] * s.head_dim == o.in_features
             assert k.out_features == groups * s.head_dim == v.out_features
             assert o.out_features == s.hidden
@@ -169,14 +175,14 @@ def test_describe_matches_shapes_and_whole_kv_groups(built) -> None:
                 assert q.bias is not None and k.bias is not None and v.bias is not None
                 for name, rows in (("q_proj", span), ("k_proj", s.head_dim)):
                     ob = orig[f"{key}.{name}.bias"].reshape(s.kv_heads, rows)
-                    got = layer.linear(name).bias.reshape(groups, rows)
+                    got = linear(layer, name).bias.reshape(groups, rows)
                     assert torch.equal(got, ob[order])
             # MLP: whole neurons, gate/up rows and down columns in one order.
             m = desc[f"{pre}.mlp"]
             width = m["intermediate_size"]
             assert width == space.mlp_sizes[c[2 * i + 1]]
             assert m["keep"] == pytest.approx(width / s.intermediate)
-            gate, up, down = (layer.linear(n) for n in ("gate_proj", "up_proj", "down_proj"))
+            gate, up, down = (linear(layer, n) for n in ("gate_proj", "up_proj", "down_proj"))
             assert gate.out_features == up.out_features == down.in_features == width
             order = block_index(gate.weight, orig[f"{pre}.mlp.gate_proj.weight"])
             assert sorted(order) == m["kept_neurons"]

@@ -14,8 +14,10 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from latency_models.profile import BLOCK_TIMING, MODEL_TIMING
 from searcher.latency import LatencySettings
 from searcher.latency_jobs import measure_config, profile_model, validate_table
 from searcher.run import run
@@ -30,14 +32,25 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--out", default="results/bench-latency")
     ap.add_argument("--skip-runs", action="store_true", help="only profile and validate")
+    ap.add_argument(
+        "--repeats", type=int, default=None,
+        help="timing rounds for blocks, correction models and validation (default: searcher's)",
+    )  # fmt: skip
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = LatencySettings(args.device, 1, 128)
-    summary: dict = {"device": args.device}
+    timings = {}
+    if args.repeats:
+        timings = {
+            "block_timing": replace(BLOCK_TIMING, repeats=args.repeats),
+            "model_timing": replace(MODEL_TIMING, repeats=args.repeats),
+        }
+    validation_timing = replace(MODEL_TIMING, repeats=args.repeats or MODEL_TIMING.repeats)
+    summary: dict = {"device": args.device, "repeats": args.repeats or "default"}
 
     t0 = time.perf_counter()
-    prof = profile_model(settings, out=str(out / f"table-{args.device}.json"))
+    prof = profile_model(settings, out=str(out / f"table-{args.device}.json"), **timings)
     summary["profile_seconds_with_model_load"] = round(time.perf_counter() - t0, 1)
     summary["profile_seconds"] = prof.table.info["seconds"]
     summary["correction"] = {
@@ -47,8 +60,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     val = validate_table(
-        settings, n=args.n, table_path=str(prof.path), out=str(out / f"validate-{args.device}")
-    )
+        settings, n=args.n, table_path=str(prof.path), out=str(out / f"validate-{args.device}"),
+        timing=validation_timing,
+    )  # fmt: skip
     summary["validate_seconds"] = round(time.perf_counter() - t0, 1)
     summary["validation"] = val["summary"]
     FIGURES.mkdir(exist_ok=True)

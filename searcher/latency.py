@@ -273,6 +273,7 @@ def validate(
     seed: int = 0,
     kinds: Sequence[str] = KINDS,
     on_step: Callable[[int, int], None] = lambda done, total: None,
+    timing: Timing = MODEL_TIMING,
 ) -> dict[str, Validation]:
     """Predict and measure ``n`` random candidates (not those the correction was fitted on).
 
@@ -280,7 +281,7 @@ def validate(
     latency is compared too: that is what ``--budget latency=R`` limits, and it does not move
     when a shared machine's speed drifts between profiling and validation.
     """
-    meter = Meter(space, settings)
+    meter = Meter(space, settings, timing)
     rng = np.random.default_rng(10_000 + seed)  # apart from the correction set's seeds
     candidates = spread_candidates(space.n_levels, n, rng)
     costs = {k: latency_costs(table, space, k) for k in kinds}

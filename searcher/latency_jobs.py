@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from latency_models.backends import Timing
+from latency_models.profile import BLOCK_TIMING, MODEL_TIMING
 from latency_models.workload import KINDS
 from searcher.errors import SearcherError
 from searcher.latency import (
@@ -61,6 +63,8 @@ def profile_model(
     data: str | None = None,
     trust_remote_code: bool = False,
     on_step: Callable[[str], None] = lambda text: None,
+    block_timing: Timing = BLOCK_TIMING,
+    model_timing: Timing = MODEL_TIMING,
 ) -> ProfileResult:
     """``searcher profile``: build and save the latency table of a model's space on a device."""
     if corrections < 0:
@@ -69,7 +73,9 @@ def profile_model(
     start = time.perf_counter()
     on_step("loading model")
     session = _session(model, space, space_options, data, trust_remote_code)
-    table = profile_space(session.space, settings, corrections, seed, on_step)
+    table = profile_space(
+        session.space, settings, corrections, seed, on_step, block_timing, model_timing
+    )
     table.info["model"] = session.loaded.identity["source"]
     path = (
         Path(out) if out else default_table_path(session.loaded.identity, settings, session.space)
@@ -92,6 +98,7 @@ def validate_table(
     data: str | None = None,
     trust_remote_code: bool = False,
     on_step: Callable[[int, int], None] = lambda done, total: None,
+    timing: Timing = MODEL_TIMING,
 ) -> dict[str, Any]:
     """``searcher latency validate``: predicted against measured latency of random candidates;
     writes validation.json (every pair) and a scatter plot."""
@@ -107,7 +114,7 @@ def validate_table(
             f"{settings.device} (or pass --table)"
         )
     table, notes = load_table(path, session.space, settings, allow_mismatch)
-    results = validate(session.space, table, settings, n, seed, kinds, on_step)
+    results = validate(session.space, table, settings, n, seed, kinds, on_step, timing)
     target = (
         Path(out)
         if out

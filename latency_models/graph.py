@@ -148,8 +148,9 @@ class AttentionWeights:
     post_norm: torch.Tensor | None = None  # the norm of the block's output (OLMo2, Gemma 2/3)
     scale: float | None = None  # this block's score scale, over the style's (GPT-2 option)
     rotary: Rotary | None = None  # this block's own rotary table (Gemma 3's local layers)
-    # Recorded, not applied: the graph attends to every past position, which is exact while
-    # the sequence (with the decoded token) fits the window, and times the same work.
+    # Not applied here: this graph attends to every past position, which is exact while the
+    # sequence (with the decoded token) fits the window, and times the same work. The
+    # deployable ONNX graph (latency_models.onnx_decoder) applies it in its mask.
     sliding_window: int | None = None
 
     @property

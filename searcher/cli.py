@@ -373,11 +373,16 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {res['format']} to {res['out']}")
     if "validation_kl" in res:
         hf = "; also a Hugging Face checkpoint" if res.get("huggingface_checkpoint") else ""
+        if res.get("remote_code"):
+            hf += " (per-layer shapes in its own modeling file: trust_remote_code=True)"
         print(f"  {res['parameters']:,} parameters, validation KL {res['validation_kl']:.6f} "
               f"(the search's: {res['search_validation_kl']:.6f}){hf}")  # fmt: skip
-    for kind in ("prefill", "decode"):
-        if f"{kind}_max_abs_logit_diff" in res:
-            print(f"  {kind}.onnx: max |logit - torch| = {res[f'{kind}_max_abs_logit_diff']:.2e}")
+    if "decode_steps" in res:
+        print(f"  {' + '.join(res['files'])}: {res['bytes'] / 2**20:.1f} MiB "
+              f"({res['bytes'] / res['weight_bytes']:.3f}x the float32 weights)")  # fmt: skip
+        print(f"  prefill of {res['prefill_tokens']} tokens: max |logit - torch| = "
+              f"{res['prefill_max_abs_logit_diff']:.2e}; {res['decode_steps']} cached decode "
+              f"steps: max |logit - torch| = {res['decode_max_abs_logit_diff']:.2e}")  # fmt: skip
 
 
 def _settings(args: argparse.Namespace):

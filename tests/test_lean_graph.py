@@ -505,3 +505,118 @@ def test_sliced_blocks_keep_their_style_tensors() -> None:
     # learned positions are ends: counted in the bytes, left out of block stacks
     assert gpt2.positions is not None and gpt2.without_ends(gpt2.layers).positions is None
     assert gpt2.ends_only().nbytes() > gpt2.without_ends([]).nbytes()
+
+
+# --- the deployable ONNX graph: dynamic shapes and a KV cache --------------------------------
+
+
+def _decoder_session(weights: DecoderWeights):
+    import onnxruntime as ort
+
+    from latency_models.onnx_decoder import build_decoder
+
+    graph_ = build_decoder(weights, 64)
+    opts = ort_options()
+    opts.add_external_initializers(
+        list(graph_.weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in graph_.weights.values()]
+    )
+    return ort.InferenceSession(graph_.model.SerializeToString(), opts)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deployable_onnx_graph_computes_what_hf_computes(family: str) -> None:
+    """``onnx_decoder``'s graph on a left-padded batch: a prefill with an empty cache, then two
+    decode steps feeding its cache back, give Hugging Face's logits at every real position;
+    layer 0 keeps half its KV groups, layer 1 has no attention (so no cache), layer 0 no MLP,
+    layer 2 keeps 40 neurons."""
+    model = tiny(family)
+    a0 = lean_of(model).layers[0][0]
+    assert a0 is not None
+    _prune_attention(model, 0, _half(a0.groups))
+    _prune_mlp(model, 2, 40)
+    _drop(model, attn_layer=1, mlp_layer=0)
+    past = _assert_decoder_matches_hf(model)
+    assert sorted(past) == [f"past_key_values.{i}.{kv}" for i in (0, 2) for kv in ("key", "value")]
+    assert past["past_key_values.0.key"].shape == (B, _half(a0.groups), S + 2, a0.head_dim)
+
+
+def _assert_decoder_matches_hf(model: nn.Module) -> dict[str, np.ndarray]:
+    """Row 1 of the batch left-padded by 3 tokens: prefill of S, then two decode steps; the
+    cache after them."""
+    sess = _decoder_session(lean_of(model))
+    ids = torch.randint(0, VOCAB, (B, S + 2), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1: 3 tokens of left padding
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expect = model(ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    names = [o.name for o in sess.get_outputs()]
+    past = {
+        i.name: np.zeros((B, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+        for i in sess.get_inputs()
+        if i.name.startswith("past_key_values.")
+    }
+    for start, end in ((0, S), (S, S + 1), (S + 1, S + 2)):
+        feed = {
+            "input_ids": ids[:, start:end].numpy(),
+            "attention_mask": mask[:, :end].numpy(),
+            "position_ids": pos[:, start:end].numpy(),
+            **past,
+        }
+        out = dict(zip(names, sess.run(None, feed)))
+        real = mask[:, start:end].bool().numpy()
+        np.testing.assert_allclose(out["logits"][real], expect[:, start:end][real].numpy(), **TOL)
+        past = {
+            n.replace("present.", "past_key_values."): v
+            for n, v in out.items()
+            if n.startswith("present.")
+        }
+    return past
+
+
+def test_deployable_onnx_graph_applies_sliding_windows() -> None:
+    """Windows of 4 tokens, shorter than the prompt: Mistral's on every layer, Qwen2's on
+    its sliding layers (1 and 2), Gemma 3's on its local layers (0 and 2)."""
+    import transformers as tf
+
+    for config in (
+        tf.MistralConfig(**GQA, sliding_window=4),
+        tf.Qwen2Config(**GQA, use_sliding_window=True, sliding_window=4, max_window_layers=1),
+        tf.Gemma3TextConfig(
+            **GQA,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),  # fmt: skip
+    ):
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+        windows = [a.sliding_window for a, _ in lean_of(model).layers]
+        assert windows.count(4) == 2 if config.model_type != "mistral" else windows == [4] * 3
+        _assert_decoder_matches_hf(model)
+
+
+def test_deployable_onnx_graph_rotates_by_position_under_longrope() -> None:
+    """Phi-3's longrope switches to its long frequencies once a sequence passes the pretraining
+    length (16 here): the graph's table (64 positions) rotates the positions below it as a
+    short sequence does, so a 12-token prompt gives Hugging Face's logits."""
+    import transformers as tf
+
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.5, 2.0, 1.2], "long_factor": [3.0, 5.0, 8.0, 9.0],
+            "original_max_position_embeddings": 16}  # fmt: skip
+    config = tf.Phi3Config(
+        **{**GQA, "hidden_size": 96}, pad_token_id=0, original_max_position_embeddings=16,
+        rope_parameters=rope,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    sess = _decoder_session(lean_of(model))
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expect = model(ids, use_cache=False).logits.numpy()
+    feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((1, 12), dtype=np.int64),
+            "position_ids": np.arange(12)[None]}  # fmt: skip
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+    np.testing.assert_allclose(sess.run(["logits"], feed)[0], expect, **TOL)

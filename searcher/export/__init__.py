@@ -1,6 +1,6 @@
 """Take a chosen config elsewhere: the canonical JSON, the physically pruned model, ONNX,
-Torch-Pruning's ratios and channels, the text EvoPress's scripts read, and LLM Compressor
-recipes. ``searcher export`` and
+the channels Torch-Pruning removes, EvoPress's layer-drop files and LLM Compressor recipes
+(``export.recipes``). ``searcher export`` and
 ``searcher apply`` call these."""
 
 from __future__ import annotations
@@ -71,56 +71,6 @@ def canonical(config: dict[str, Any]) -> dict[str, Any]:
     return {"format": CANONICAL, **{k: config[k] for k in keep if k in config}}
 
 
-def evopress_text(config: dict[str, Any]) -> str:
-    """``module_name: level`` per gene (level 0 = most compressed, as in EvoPress's databases)
-    with what each level means on comment lines."""
-    lines = [
-        f"# searcher {config['space']['name']} config for {config['model']['source']}",
-        "# module: level (0 = most compressed); what the level keeps follows after '#'",
-    ]
-    if not isinstance(config.get("config"), dict) or len(config["config"]) != len(config["genes"]):
-        raise SearcherError(
-            "the config's 'config' and 'genes' do not match: restore it from the run"
-        )
-    for (name, detail), level in zip(config["config"].items(), config["genes"], strict=True):
-        meaning = {k: v for k, v in detail.items() if not k.startswith("kept_")}
-        lines.append(f"{name}: {level}  # {json.dumps(meaning, sort_keys=True)}")
-    return "\n".join(lines) + "\n"
-
-
-def llmcompressor_recipe(config: dict[str, Any]) -> str:
-    """An LLM Compressor recipe giving each linear layer its searched sparsity: one
-    ``WandaPruningModifier`` (the mask criterion the search scored) per sparsity level,
-    targeting that level's layers by exact-name regex. Layers kept dense get no modifier."""
-    import yaml
-
-    if config["space"]["name"] != "sparsity":
-        raise SearcherError(
-            "llmcompressor recipes carry unstructured sparsity: export a config of the "
-            f"sparsity space (this one is {config['space']['name']}; try --format pruned)"
-        )
-    levels: dict[float, list[str]] = {}
-    for name, detail in config["config"].items():
-        if detail["sparsity"] > 0:
-            levels.setdefault(float(detail["sparsity"]), []).append(name)
-    stage = {
-        f"sparsity_{round(level * 100)}_modifiers": {
-            "WandaPruningModifier": {
-                "sparsity": level,
-                "mask_structure": "0:0",
-                "targets": [f"re:^{re.escape(n)}$" for n in names],
-            }
-        }
-        for level, names in sorted(levels.items())
-    }
-    head = (
-        f"# searcher sparsity config for {config['model']['source']}: each layer's searched\n"
-        "# sparsity, one Wanda modifier per level (SparseGPTModifier takes the same fields).\n"
-        "# Use: llmcompressor.oneshot(model=..., dataset=..., recipe='this file')\n"
-    )
-    return head + yaml.safe_dump({"sparsity_stage": stage}, sort_keys=False)
-
-
 def export_config(
     config: dict[str, Any],
     source: str,
@@ -140,20 +90,29 @@ def export_config(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
         return {"format": fmt, "out": str(out)}
-    if fmt in ("evopress", "llmcompressor"):
-        text = evopress_text(cfg) if fmt == "evopress" else llmcompressor_recipe(cfg)
+    if fmt == "evopress":
+        from searcher.export.recipes import evopress_text
+
+        text = evopress_text(cfg)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
         return {"format": fmt, "out": str(out)}
+    from searcher.export import recipes
     from searcher.run import session_of_config
 
     if fmt == "torch-pruning":
         from searcher.export.torch_pruning_spec import refuse_unless_width
 
         refuse_unless_width(cfg)
+    if fmt == "llmcompressor":
+        recipes.refuse_unless_sparsity(cfg)
 
     on_phase("rebuilding the space the config was searched in")
     session, genes = session_of_config(source, config, model, "cpu", None, None, trust_remote_code)
+    if fmt == "llmcompressor":
+        on_phase("writing the recipe with the search's counts")
+        info = recipes.export_llmcompressor(cfg, session, genes, out)
+        return {"format": fmt, "out": str(out), **info}
     pruned = session.space.materialize(genes)
     if fmt == "pruned":
         from searcher.export.pruned import save_pruned
@@ -168,7 +127,7 @@ def export_config(
         on_phase("removing the channels with Torch-Pruning and checking the result")
         check = export_torch_pruning(cfg, session, genes, out, model, trust_remote_code)
         return {"format": fmt, "out": str(out), **check}
-    on_phase("building and checking the ONNX graphs")
+    on_phase("building and checking the ONNX model")
     return {"format": fmt, "out": str(out), **export_onnx(pruned, session, out)}
 
 
@@ -217,16 +176,16 @@ def export_torch_pruning(
     model: str | None = None, trust_remote_code: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """The Torch-Pruning spec (``export.torch_pruning_spec``), checked: its channels, removed
-    from a fresh copy of the model by Torch-Pruning, give the search's parameter count and
-    validation KL."""
+    from a fresh copy of the model by Torch-Pruning (and its attributes set), give the search's
+    parameter count and validation KL."""
     from searcher import models
-    from searcher.export.torch_pruning_spec import prune_channels, spec
+    from searcher.export.torch_pruning_spec import apply, spec
     from searcher.run import model_source
 
-    doc = spec(config, session.space.structure)
-    source = model_source(config, model)
-    dense = models.load(source, "cpu", config.get("dtype", "float32"), trust_remote_code).model
-    check = faithful(session, genes, prune_channels(dense, doc["channels"]))
+    dtype = config.get("dtype", "float32")
+    dense = models.load(model_source(config, model), "cpu", dtype, trust_remote_code).model
+    doc = spec(config, session.space.structure, str(dense.name_or_path), dtype)
+    check = faithful(session, genes, apply(dense, doc))
     searched = config.get("costs", {}).get("params")
     if searched is not None and check["parameters"] != int(searched):
         raise SearcherError(
@@ -242,51 +201,11 @@ def export_torch_pruning(
 
 
 def export_onnx(pruned: Any, session: Any, out: Path, tol: float = 1e-3) -> dict[str, Any]:
-    """prefill.onnx (1 x S tokens in; next-token logits and the KV cache out) and decode.onnx
-    (one token with a cache of S), S = the run's window length minus one. Checked in ONNX
-    Runtime on a validation window: prefill on its first S tokens, then decode of the last
-    one with the cache prefill returned, against the torch model's logits."""
-    import numpy as np
-    import onnxruntime as ort
-    import torch
+    """``out/model.onnx``: one decoder graph with a KV cache and dynamic shapes, checked in
+    ONNX Runtime (prefill, then cached decode) against torch (``searcher.export.onnx``)."""
+    from searcher.export.onnx import export_onnx as write_onnx
 
-    from latency_models.backends import ort_options
-    from latency_models.onnx_graph import build
-    from latency_models.workload import Workload
-
-    ids = session.windows.validation[:1].cpu()
-    s = ids.shape[1] - 1
-    weights = session.space.structure.family.lean(pruned)
-    windows = [a.sliding_window for a, _ in weights.layers if a is not None and a.sliding_window]
-    if windows and min(windows) < s + 1:
-        raise SearcherError(
-            f"the ONNX graph does not apply sliding-window attention, and this model's window "
-            f"({min(windows)} tokens) is shorter than the export's {s + 1}: search with "
-            f"--seq-len {min(windows)} or less to export it to ONNX"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        full = pruned(ids, use_cache=False).logits.float()
-    expect = {"prefill": full[:, s - 1].numpy(), "decode": full[:, s].numpy()}
-    result: dict[str, Any] = {"seq_len": s}
-    cache: list[Any] = []
-    for wl in (Workload("prefill", 1, s), Workload("decode", 1, s)):
-        graph = build(weights, wl)
-        path = out / f"{wl.kind}.onnx"
-        graph.save(str(path))
-        sess = ort.InferenceSession(str(path), ort_options(), providers=["CPUExecutionProvider"])
-        first = ids[:, :s] if wl.prefill else ids[:, s:]
-        feed = {graph.inputs[0]: first.numpy(), **dict(zip(graph.inputs[1:], cache))}
-        got = sess.run(None, feed)
-        cache = got[1:]
-        diff = float(np.abs(got[0] - expect[wl.kind]).max())
-        result[f"{wl.kind}_max_abs_logit_diff"] = diff
-        if diff > tol:
-            raise SearcherError(
-                f"ONNX Runtime's {wl.kind} logits differ from torch's by {diff:.2e} (> {tol}): "
-                "the ONNX export is not faithful (please report this)"
-            )
-    return result
+    return write_onnx(pruned, session, out, tol)
 
 
 def export_run(

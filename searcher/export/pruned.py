@@ -1,16 +1,28 @@
 """The physically pruned model on disk: safetensors plus a JSON record of every layer's shapes.
 
-``save_pruned`` writes ``model.safetensors`` and ``pruned_config.json`` (the base model's
-config, and per layer its query / KV heads and MLP width, 0 for a removed block).
-``load_pruned`` rebuilds the model from those two files only: no pickle and no model code
-from the directory. When every layer has the same shapes and no block is removed, the
-directory is also an ordinary Hugging Face checkpoint (``config.json`` with the pruned sizes),
-which ``AutoModelForCausalLM.from_pretrained`` loads.
+``save_pruned`` writes ``model.safetensors``, ``pruned_config.json`` (the base model's config,
+and per layer its query / KV heads and MLP width, 0 for a removed block) and ``config.json``,
+so that ``transformers.AutoModelForCausalLM.from_pretrained`` loads the directory without
+searcher:
+
+- when every layer has the same shapes and no block is removed, and the family's config can
+  say those shapes, ``config.json`` is the family's ordinary config with the pruned sizes: an
+  ordinary checkpoint, no remote code;
+- otherwise ``config.json`` is the base model's config plus, under ``searcher_pruned``, what
+  differs from a dense model built from it (``reshaping``: parameter shapes, module attributes
+  that follow unit counts, per-module config copies, removed blocks), with an ``auto_map`` to
+  ``modeling_searcher_pruned.py``, copied next to it: transformers' own model of the family,
+  built dense and reshaped before the weights load (load with ``trust_remote_code=True``).
+
+``load_pruned`` loads the latter with searcher's own copy of that code (never the directory's)
+and rebuilds the former from ``pruned_config.json``: no pickle and no model code from the
+directory.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +31,16 @@ from torch import nn
 
 from searcher.errors import SearcherError
 from searcher.families import family_for
-from searcher.families.base import resize_to, units_of
+from searcher.families.base import is_removed, resize_to, units_of
 from spaces.structure import Structure
 
 FORMAT = "searcher-pruned/1"
 CONFIG = "pruned_config.json"
 WEIGHTS = "model.safetensors"
+HF_CONFIG = "config.json"
+MODELING = "modeling_searcher_pruned.py"  # also this package's module of that name
+KEY = "searcher_pruned"  # config.json's key for what differs from the dense model
+MODE = 0o644
 
 
 def layer_shapes(model: nn.Module) -> list[dict[str, int]]:
@@ -54,13 +70,13 @@ def uniform(shapes: list[dict[str, int]]) -> bool:
 
 
 def save_pruned(model: nn.Module, out: Path, header: dict[str, Any]) -> dict[str, Any]:
-    """Write the pruned model; returns what was written (shapes, whether HF-loadable)."""
-    from safetensors.torch import save_model
-
+    """Write the pruned model; returns what was written (shapes, whether the directory is an
+    ordinary Hugging Face checkpoint or one with remote code)."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     s = Structure.of(model)
     shapes = layer_shapes(model)
-    cfg = model.config.to_dict()
+    cfg = base_config(model)
     record = {
         "format": FORMAT,
         "family": s.family.name,
@@ -69,17 +85,155 @@ def save_pruned(model: nn.Module, out: Path, header: dict[str, Any]) -> dict[str
         "layers": shapes,
         "searcher": header,
     }
-    save_model(model, str(out / WEIGHTS))  # shared (tied) tensors stored once
-    (out / CONFIG).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_weights(model, out / WEIGHTS)
+    _write_json(out / CONFIG, record)
     hf_cfg = None
     if uniform(shapes):
         first = shapes[0]
         hf_cfg = s.family.config_for(
             cfg, s.shapes, first["num_key_value_heads"], first["intermediate_size"]
         )
-    if hf_cfg is not None:
-        (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n", encoding="utf-8")
-    return {"layers": shapes, "huggingface_checkpoint": hf_cfg is not None}
+    remote = hf_cfg is None
+    code = out / MODELING
+    if remote:
+        hf_cfg = remote_config(model, cfg)
+        code.write_text(modeling_source(cfg["model_type"]), encoding="utf-8")
+        code.chmod(MODE)
+    else:
+        code.unlink(missing_ok=True)  # from an earlier export to this directory
+    _write_json(out / HF_CONFIG, hf_cfg)
+    return {"layers": shapes, "huggingface_checkpoint": True, "remote_code": remote}
+
+
+def base_config(model: nn.Module) -> dict[str, Any]:
+    """The model's config as a dict, less what a pruned export added to it."""
+    cfg = model.config.to_dict()
+    for key in (KEY, "auto_map"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def remote_config(model: nn.Module, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` of a pruned model the family's config cannot describe: the base config,
+    what differs from the dense model, and the ``auto_map`` to the copied modeling file."""
+    from searcher.export import modeling_searcher_pruned as code
+
+    module = MODELING.removesuffix(".py")
+    return {
+        **cfg,
+        "architectures": [code.MODEL_CLASS],
+        "auto_map": {
+            "AutoConfig": f"{module}.{code.CONFIG_CLASS}",
+            "AutoModelForCausalLM": f"{module}.{code.MODEL_CLASS}",
+        },
+        KEY: reshaping(model),
+    }
+
+
+def modeling_source(model_type: str) -> str:
+    """The modeling file copied into an export: this package's module, and the classes for
+    ``model_type`` made from it (the file's content depends on the model type alone)."""
+    text = (Path(__file__).parent / MODELING).read_text(encoding="utf-8")
+    return (
+        f"{text.rstrip()}\n\n\n# the model type this checkpoint was pruned from\n"
+        f"SearcherPrunedConfig, SearcherPrunedForCausalLM = classes_for({json.dumps(model_type)})\n"
+    )
+
+
+def dense_twin(model: nn.Module) -> nn.Module:
+    """A dense model built from ``model``'s config as transformers builds it, on the meta device
+    (no memory, no initialisation)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    cfg = base_config(model)
+    model_type = cfg.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg)
+    with torch.device("meta"), no_init_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(isinstance(v, _SCALARS) for v in value)
+    return isinstance(value, _SCALARS)
+
+
+def reshaping(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """What differs between ``model`` and a dense model freshly built from its config, as plain
+    data (``modeling_searcher_pruned.reshape`` applies it): removed blocks, parameter shapes,
+    scalar attributes and config copies of modules in decoder layers. Read from the two models
+    alone, whatever the family."""
+    from transformers import PretrainedConfig
+
+    dense = dense_twin(model)
+    twins = dict(dense.named_modules())
+    layers = Structure.of(model).layers
+    top = model.config.to_dict()
+    spec: dict[str, dict[str, Any]] = {"removed": {}, "parameters": {}, "attributes": {},
+                                       "configs": {}}  # fmt: skip
+    for name, module in model.named_modules():
+        twin = twins.get(name)
+        if twin is None:
+            raise SearcherError(f"the pruned model has a module {name!r} the dense one lacks")
+        if is_removed(module):
+            how = {**module.removed_as(), "layer": None}
+            if how["attention"]:  # its index in the KV cache: the decoder layer's
+                how["layer"] = next(ly.index for ly in layers if name.startswith(ly.prefix + "."))
+            spec["removed"][name] = how
+            continue
+        if not isinstance(module, type(twin)):  # the family's class, or a subclass
+            raise SearcherError(
+                f"cannot describe {name!r}: a {type(module).__name__} where the dense model has "
+                f"a {type(twin).__name__}"
+            )
+        params = dict(twin.named_parameters(recurse=False))
+        for pname, p in module.named_parameters(recurse=False):
+            if pname not in params:
+                raise SearcherError(
+                    f"the pruned model has a parameter {name}.{pname} the dense one lacks"
+                )
+            if tuple(p.shape) != tuple(params[pname].shape):
+                spec["parameters"][f"{name}.{pname}"] = list(p.shape)
+        if not any(f"{name}.".startswith(f"{ly.prefix}.") for ly in layers):
+            continue  # pruning changes attributes in decoder layers only (the model's own
+            # may differ after loading, e.g. a loss type set by from_pretrained)
+        theirs = vars(twin)
+        for attr, value in vars(module).items():
+            if attr.startswith("_") or attr == "training":
+                continue
+            if isinstance(value, PretrainedConfig):
+                if value is not model.config:  # the module's own copy of the config
+                    own = {k: v for k, v in value.to_dict().items() if top.get(k) != v}
+                    spec["configs"][f"{name}.{attr}"] = own
+            elif _plain(value) and (attr not in theirs or theirs[attr] != value):
+                spec["attributes"].setdefault(name, {})[attr] = value
+    return {k: v for k, v in spec.items() if v}
+
+
+def write_weights(model: nn.Module, path: Path) -> None:
+    """The state dict as safetensors, a tensor shared by several names (a tied LM head) stored
+    once under the first name (the input embedding's, as transformers saves it)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = t.detach().contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    path.chmod(MODE)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.chmod(path, MODE)
 
 
 def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -99,6 +253,9 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
         raise SearcherError(f"{path} is not a pruned searcher model: {exc}") from None
     model_type = base.pop("model_type", None)
     family_for(model_type)
+    hf_cfg = _read_hf_config(path)
+    if KEY in hf_cfg:
+        return _load_reshaped(path, model_type, dtype)
     try:
         config = AutoConfig.for_model(model_type, **base)
     except (ValueError, KeyError) as exc:
@@ -128,4 +285,28 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
             f"unexpected {sorted(unexpected)[:3]})"
         )
     model.tie_weights()
+    return model.eval().requires_grad_(False)
+
+
+def _read_hf_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / HF_CONFIG).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}  # written before config.json was (non-uniform shapes)
+    except (OSError, ValueError) as exc:
+        raise SearcherError(f"{path / HF_CONFIG}: {exc}") from None
+
+
+def _load_reshaped(path: Path, model_type: str, dtype: torch.dtype) -> nn.Module:
+    """A directory with remote code, loaded by searcher's own copy of that code: the same
+    classes ``from_pretrained(..., trust_remote_code=True)`` builds, none of the directory's
+    code run."""
+    from searcher.export import modeling_searcher_pruned as code
+
+    config_class, model_class = code.classes_for(model_type)
+    try:
+        config = config_class.from_pretrained(path)
+        model = model_class.from_pretrained(path, config=config, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError, AttributeError) as exc:
+        raise SearcherError(f"{path}: cannot load the pruned model: {exc}") from None
     return model.eval().requires_grad_(False)

@@ -1,41 +1,34 @@
-"""A width config in the terms Torch-Pruning takes.
+"""A width config as Torch-Pruning's functional pruners take it: exactly the searched model.
 
-Two ways to use it, both in the file ``searcher export --format torch-pruning`` writes:
+The file ``searcher export --format torch-pruning`` writes names, for every nn.Linear the
+search cut, the channels the removed units own (``channels.out``: rows of q/k/v, gate and up
+projections, fused or interleaved as the family lays them out; ``channels.in``: columns of
+the o and down projections), and the module attributes some families size their forward
+pass by (``attributes``: OPT's and Falcon's head counts, Phi-3's per-layer copy of its
+config). Removing the channels with ``tp.prune_linear_out_channels`` /
+``tp.prune_linear_in_channels`` from the dense model (``model_path``, ``dtype``) and setting
+the attributes gives the model the search scored: the same kept neurons and KV groups, the
+same validation KL (``apply`` here; the README's script does the same).
 
-- ``pruning_ratio_dict`` (keyed by MLP module name) with ``ignored_layers`` for Torch-Pruning's
-  pruners (``MetaPruner`` and kin): every MLP gets its searched width, and Torch-Pruning's own
-  importance picks the neurons. Attention stays out of it: Torch-Pruning's dependency graph
-  cannot trace rotary attention as transformers 5 writes it (the index mapping through
-  ``rotate_half``'s slices and concatenation never closes, so building the group of a q/k/v
-  projection does not finish), and for grouped-query attention its head pruning removes query
-  heads inside every KV group rather than whole KV groups, which is what the search priced.
-  The attention part is therefore given as channel indices (``attention_channels``), removed
-  with Torch-Pruning's functional pruners.
-- ``channels``: every removed channel by index (``out``: rows of q/k/v, gate and up
-  projections; ``in``: columns of o and down projections): applied with
-  ``tp.prune_linear_out_channels`` / ``tp.prune_linear_in_channels`` it gives exactly the model
-  the search scored.
+Torch-Pruning's own pruners (``MetaPruner`` with a ``pruning_ratio_dict``) are not used: they
+rank channels by their own importance, so they keep other neurons than the search did (the
+searched shapes, not the searched model), their dependency graph does not finish tracing
+rotary attention as transformers 5 writes it, and their head pruning removes query heads
+inside each KV group rather than whole KV groups, which is what the search priced.
 """
 
 from __future__ import annotations
 
-import math
+import copy
 from typing import Any
 
+import torch
 from torch import nn
 
 from searcher.errors import SearcherError
 
-FORMAT = "searcher-torch-pruning/1"
-
-
-def ratio_for(total: int, kept: int) -> float:
-    """The pruning ratio for which Torch-Pruning keeps exactly ``kept`` of ``total`` channels
-    (it keeps ``int(total * (1 - ratio))``, so float rounding must not drop one)."""
-    ratio = (total - kept) / total
-    while int(total * (1 - ratio)) < kept:
-        ratio = math.nextafter(ratio, -math.inf)
-    return ratio
+FORMAT = "searcher-torch-pruning/2"
+_PLAIN = (bool, int, float, str, type(None))
 
 
 def refuse_unless_width(config: dict[str, Any]) -> None:
@@ -48,48 +41,40 @@ def refuse_unless_width(config: dict[str, Any]) -> None:
         )
 
 
-def spec(config: dict[str, Any], structure: Any) -> dict[str, Any]:
+def spec(config: dict[str, Any], structure: Any, model_path: str, dtype: str) -> dict[str, Any]:
     """The Torch-Pruning spec of a width config (see the module docstring); ``structure`` is
-    the dense model's ``spaces.Structure``, whose family says which channels a unit owns."""
+    the dense model's ``spaces.Structure``, whose family says which channels a unit owns and
+    which attributes follow a unit count; ``model_path`` and ``dtype`` say what to load."""
     refuse_unless_width(config)
     blocks = {
         layer.name(block.name): (layer, block)
         for layer in structure.layers
         for block in (layer.attn, layer.mlp)
     }
-    ratios: dict[str, float] = {}
-    ignored = ["lm_head"]
     out: dict[str, list[int]] = {}
     into: dict[str, list[int]] = {}
-    attention: dict[str, dict[str, list[int]]] = {"out": {}, "in": {}}
+    attributes: dict[str, dict[str, Any]] = {}
     for name, detail in config["config"].items():
         layer, block = blocks[name]
         key = "kept_kv_groups" if block.kind == "attn" else "kept_neurons"
         kept = set(detail[key])
         gone = [u for u in range(block.units) if u not in kept]
         channels = _channels(layer, block, gone, structure.family.name)
-        if block.kind == "mlp":
-            ratios[name] = ratio_for(block.units, len(kept))
-            ignored.append(layer.name(block.score))
-        else:
-            ignored += [m for side in channels.values() for m in side]
-            for side, by_module in channels.items():
-                attention[side].update({m: c for m, c in by_module.items() if c})
-        out.update(channels["out"])
-        into.update(channels["in"])
+        out.update({m: c for m, c in channels["out"].items() if c})
+        into.update({m: c for m, c in channels["in"].items() if c})
+        changed = _attributes(structure, layer, block, len(kept))
+        if changed:
+            attributes[name] = changed
     return {
         "format": FORMAT,
         "model": config["model"],
+        "model_path": model_path,
+        "dtype": dtype,
         "space": config["space"],
         "costs": config.get("costs"),
         "fractions": config.get("fractions"),
-        "pruning_ratio_dict": ratios,
-        "ignored_layers": ignored,
-        "attention_channels": attention,
-        "channels": {
-            "out": {k: v for k, v in out.items() if v},
-            "in": {k: v for k, v in into.items() if v},
-        },
+        "channels": {"out": out, "in": into},
+        "attributes": attributes,
     }
 
 
@@ -109,17 +94,71 @@ def _channels(layer: Any, block: Any, gone: list[int], family: str) -> dict[str,
                 "--format pruned instead"
             )
         side = "out" if slab.axis == 0 else "in"
-        found[side][layer.name(owner)] = slab.indices(gone).tolist()
+        found[side][layer.name(owner)] = sorted(slab.indices(gone).tolist())
     return found
 
 
-def prune_channels(model: nn.Module, channels: dict[str, dict[str, list[int]]]) -> nn.Module:
-    """Remove ``channels`` (a spec's ``channels`` or ``attention_channels``) from ``model`` in
-    place with Torch-Pruning's functional pruners."""
+def _attributes(structure: Any, layer: Any, block: Any, units: int) -> dict[str, Any]:
+    """What the family's ``resized`` changes in the block's module when it keeps ``units``
+    rather than all its units: plain values, and (as a nested mapping) those of an object the
+    module holds, such as Phi-3's config, which the module then gets a copy of. Found by
+    calling ``resized`` at both counts and comparing; the module is put back as it was."""
+    module = layer.module.get_submodule(block.name)
+    saved = dict(vars(module))
+    try:
+        structure.family.resized(layer.module, block, block.units, structure.shapes)
+        dense = _plain(module)
+        structure.family.resized(layer.module, block, units, structure.shapes)
+        pruned = _plain(module)
+    finally:
+        vars(module).clear()
+        vars(module).update(saved)
+    changed: dict[str, Any] = {}
+    for key, value in pruned.items():
+        if isinstance(value, dict):
+            inner = {k: v for k, v in value.items() if dense.get(key, {}).get(k) != v}
+            if inner:
+                changed[key] = inner
+        elif key not in dense or dense[key] != value:
+            changed[key] = value
+    return changed
+
+
+def _plain(module: nn.Module) -> dict[str, Any]:
+    """A module's plain attributes, and those of the plain objects it holds (configs)."""
+    found: dict[str, Any] = {}
+    for key, value in vars(module).items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, _PLAIN):
+            found[key] = value
+        elif not isinstance(value, (nn.Module, torch.Tensor)) and hasattr(value, "__dict__"):
+            found[key] = {
+                k: v
+                for k, v in vars(value).items()
+                if not k.startswith("_") and isinstance(v, _PLAIN)
+            }
+    return found
+
+
+def apply(model: nn.Module, doc: dict[str, Any]) -> nn.Module:
+    """What the README's script does: remove ``doc``'s channels from the dense ``model`` in
+    place with Torch-Pruning's functional pruners and set its attributes."""
     import torch_pruning as tp
 
-    for name, idxs in channels["out"].items():
+    for name, idxs in doc["channels"]["out"].items():
         tp.prune_linear_out_channels(model.get_submodule(name), idxs)
-    for name, idxs in channels["in"].items():
+    for name, idxs in doc["channels"]["in"].items():
         tp.prune_linear_in_channels(model.get_submodule(name), idxs)
+    for name, values in doc["attributes"].items():
+        _set_attributes(model.get_submodule(name), values)
     return model
+
+
+def _set_attributes(obj: Any, values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict):  # a shared object (Phi-3's config): this module's own copy
+            setattr(obj, key, copy.copy(getattr(obj, key)))
+            _set_attributes(getattr(obj, key), value)
+        else:
+            setattr(obj, key, value)

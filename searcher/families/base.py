@@ -88,16 +88,42 @@ class Shapes:
 
 
 class Dropped(nn.Module):
-    """Stands in for a removed block: adds nothing to the residual stream. Attention modules
-    return a tuple (output, attention weights); MLP modules the output alone."""
+    """Stands in for a removed block: adds nothing to the residual stream. Its output is zeros,
+    ``features`` wide (the input's width when None). Attention modules return a tuple (output,
+    attention weights), and with a KV cache still record their tokens in it (one key and
+    value of size 1 per token), so the cache's length, which transformers reads from the first
+    layer, stays right whichever layers lost their attention. ``removed_as`` says, as plain
+    data, what stands in (exports record it)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, features: int | None = None, layer: int | None = None) -> None:
         super().__init__()
         self.kind = kind
+        self.features = features
+        self.layer = layer  # the attention's index in the KV cache
+
+    def removed_as(self) -> dict[str, Any]:
+        return {"attention": self.kind == "attn", "features": self.features}
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        zeros = torch.zeros_like(hidden_states)
-        return (zeros, None) if self.kind == "attn" else zeros
+        width = hidden_states.shape[-1] if self.features is None else self.features
+        zeros = hidden_states.new_zeros(*hidden_states.shape[:-1], width)
+        if self.kind != "attn":
+            return zeros
+        if self.layer is not None:
+            for name in ("past_key_values", "past_key_value", "layer_past"):
+                cache = kwargs.get(name)
+                if cache is not None:
+                    cache = getattr(cache, "self_attention_cache", cache)
+                    kv = hidden_states.new_zeros(*hidden_states.shape[:2], 1)[:, None]
+                    cache.update(kv, kv, self.layer)
+                    break
+        return zeros, None
+
+
+def is_removed(module: nn.Module) -> bool:
+    """Whether ``module`` stands in for a removed block (``Dropped``, or the stand-in of a
+    pruned model loaded from its export)."""
+    return callable(getattr(module, "removed_as", None))
 
 
 def get_tensor(layer: nn.Module, path: str) -> torch.Tensor:
@@ -175,7 +201,7 @@ class Family:
         owner, _, attr = block.name.rpartition(".")
         parent = layer.get_submodule(owner)
         original = getattr(parent, attr)
-        setattr(parent, attr, Dropped(block.kind))
+        setattr(parent, attr, Dropped(block.kind, layer=getattr(original, "layer_idx", None)))
         return original
 
     def restore(self, layer: nn.Module, block: BlockLayout, original: Any) -> None:
@@ -183,7 +209,7 @@ class Family:
         setattr(layer.get_submodule(owner), attr, original)
 
     def is_dropped(self, layer: nn.Module, block: BlockLayout) -> bool:
-        return isinstance(layer.get_submodule(block.name), Dropped)
+        return is_removed(layer.get_submodule(block.name))
 
     # -- latency --------------------------------------------------------------------------
     def lean(self, model: nn.Module) -> Any:

@@ -21,7 +21,7 @@ from latency_models.graph import (
     Style,
     rotary_of,
 )
-from latency_models.lean_parts import activation, group_size, head_dim, live
+from latency_models.lean_parts import activation, group_size, head_dim, live, sliding_window
 from searcher.families.base import BlockLayout, Family, Shapes, Slab, get_tensor, linear_block
 
 
@@ -144,12 +144,21 @@ def _pre_normed(model: nn.Module, style: Style) -> DecoderWeights:
         return attention_weights(
             model, block, block.input_layernorm.weight,
             q_norm=_weight(getattr(a, "q_norm", None)), k_norm=_weight(getattr(a, "k_norm", None)),
+            sliding_window=_window(model.config, i),
         )  # fmt: skip
 
     def mlp(i: int, block: nn.Module) -> MLPWeights:
         return gated_mlp(block, block.post_attention_layernorm.weight)
 
     return lean_layers(model, style, attention, mlp)
+
+
+def _window(cfg, i: int) -> int | None:
+    """Layer ``i``'s sliding window as Hugging Face applies it: Qwen2 and Qwen3 on the
+    sliding layers of their ``layer_types``, Mistral on every layer (``sliding_window``)."""
+    if getattr(cfg, "layer_types", None) is not None:
+        return sliding_window(cfg, i)
+    return getattr(cfg, "sliding_window", None)
 
 
 def _olmo2(model: nn.Module) -> DecoderWeights:

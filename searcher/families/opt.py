@@ -6,29 +6,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from latency_models.graph import AttentionWeights, DecoderWeights, MLPWeights, Style
 from latency_models.lean_parts import activation, layer_norm, live
 from searcher.errors import SearcherError
-from searcher.families.base import BlockLayout, Dropped, Family, Shapes, linear_block, linear_slabs
-
-
-class _NoFeatures(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[..., :0]
-
-
-class _DroppedFC2(Dropped):
-    """OPT's removed MLP output: zeros of the residual's width."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__("mlp")
-        self.hidden = hidden
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], self.hidden)
+from searcher.families.base import (
+    BlockLayout,
+    Dropped,
+    Family,
+    Shapes,
+    is_removed,
+    linear_block,
+    linear_slabs,
+)
 
 
 class OPT(Family):
@@ -65,7 +56,9 @@ class OPT(Family):
         if block.kind == "attn":
             return super().drop(layer, block)
         original = (layer.fc1, layer.fc2)
-        layer.fc1, layer.fc2 = _NoFeatures(), _DroppedFC2(layer.fc2.weight.shape[0])
+        # fc1 gives no features; fc2 zeros of the residual's width
+        layer.fc1 = Dropped("mlp", features=0)
+        layer.fc2 = Dropped("mlp", features=layer.fc2.weight.shape[0])
         return original
 
     def restore(self, layer: nn.Module, block: BlockLayout, original: Any) -> None:
@@ -77,7 +70,7 @@ class OPT(Family):
     def is_dropped(self, layer: nn.Module, block: BlockLayout) -> bool:
         if block.kind == "attn":
             return super().is_dropped(layer, block)
-        return isinstance(layer.fc2, Dropped)
+        return is_removed(layer.fc2)
 
     def lean(self, model: nn.Module) -> DecoderWeights:
         """q/k/v/out_proj with biases, LayerNorms, a ReLU MLP (fc1 / fc2 on the decoder layer

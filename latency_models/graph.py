@@ -388,11 +388,10 @@ def check_style(weights: DecoderWeights) -> None:
                     )
 
 
-def rotary_tables(
-    weights: DecoderWeights, first: int, count: int
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
-    """The distinct rotary tables of a workload's positions ([] without rotary), and for each
-    layer the index of the one its attention uses (the decoder's is 0)."""
+def rotary_functions(weights: DecoderWeights) -> tuple[list[Rotary], list[int]]:
+    """The distinct rotary functions ([] without rotary; the decoder's first), in the order
+    ``rotary_tables`` gives their tables, and for each layer the index of the one its attention
+    uses."""
     style = weights.style
     if style.rotary_dims == 0:
         return [], [0] * len(weights.layers)
@@ -405,6 +404,16 @@ def rotary_tables(
         if fn not in fns:
             fns.append(fn)
         index.append(fns.index(fn))
+    return fns, index
+
+
+def rotary_tables(
+    weights: DecoderWeights, first: int, count: int
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
+    """The distinct rotary tables of a workload's positions ([] without rotary), and for each
+    layer the index of the one its attention uses (the decoder's is 0)."""
+    style = weights.style
+    fns, index = rotary_functions(weights)
     tables = []
     for fn in fns:
         cos, sin = fn(first, count)

@@ -19,37 +19,37 @@ shape latency graph's (``latency_models.onnx_graph``), whose builder pieces this
 
 Weights are stored once each (a tied embedding and LM head is one initializer, gathered for
 the embedding and multiplied by with ``Gemm(transB=1)`` for the head), in float32, inside the
-.onnx file, or beside it in ``<name>.data`` past protobuf's 2 GB.
+.onnx file, or past protobuf's 2 GB (counting the rotary tables) beside it in ``<name>.data``
+(``OnnxDecoder.save``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from latency_models.graph import AttentionWeights, DecoderWeights, Style, check_style, rotary_tables
+from latency_models.graph import DecoderWeights, check_style, rotary_functions, rotary_tables
 from latency_models.onnx_graph import (
-    _TYPES,
-    OPSET,
+    TYPES,
+    Builder,
     OnnxDecoder,
-    _Builder,
-    _is_external,
-    _mlp,
-    _refuse_unbuilt,
-    _residual,
+    attention,
+    embed,
+    finish,
+    logits,
+    mlp_block,
+    refuse_unbuilt,
+    residual,
 )
 from searcher.errors import SearcherError
 
 BATCH, SEQ, PAST = "batch_size", "sequence_length", "past_sequence_length"
 TOTAL = "total_sequence_length"
 INPUTS = ("input_ids", "attention_mask", "position_ids")
-EXTERNAL_OVER = 2**31 - 2**26  # bytes of weights past which they go to <name>.data
 
 
 def past_names(layer: int) -> tuple[str, str]:
@@ -60,31 +60,17 @@ def present_names(layer: int) -> tuple[str, str]:
     return f"present.{layer}.key", f"present.{layer}.value"
 
 
-@dataclass
-class _Once(_Builder):
-    """A builder that stores each tensor once however many nodes read it (a tied head, the
-    one norm both blocks of a parallel Falcon layer read)."""
-
-    seen: dict[tuple[int, bool], tuple[torch.Tensor, str]] = field(default_factory=dict)
-
-    def weight(self, t: torch.Tensor, hint: str, transpose: bool = False) -> str:
-        key = (id(t), transpose)  # the tensor is kept in ``seen``: its id is not reused
-        if key not in self.seen:
-            self.seen[key] = (t, super().weight(t, hint, transpose))
-        return self.seen[key][1]
-
-
 def build_decoder(weights: DecoderWeights, max_positions: int | None = None) -> OnnxDecoder:
     """The graph of ``weights`` (with its embedding and head) for any batch, sequence and cache
     length. ``max_positions``: rows of the rotary tables (the model's max_position_embeddings;
     needed where the model has rotary attention)."""
     style = weights.style
     check_style(weights)
-    _refuse_unbuilt(style)
+    refuse_unbuilt(style)
     if weights.embed is None or weights.head is None:
         raise SearcherError("the deployable ONNX graph needs the model's embedding and head")
-    b = _Once(np.dtype("float32"))
-    elem = _TYPES[b.dtype]
+    b = Builder(np.dtype("float32"))
+    elem = TYPES[b.dtype]
     tables: list[tuple[torch.Tensor, torch.Tensor]] = []
     index = [0] * len(weights.layers)
     if style.rotary_dims != 0:
@@ -99,13 +85,7 @@ def build_decoder(weights: DecoderWeights, max_positions: int | None = None) -> 
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [BATCH, TOTAL]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, [BATCH, SEQ]),
     ]
-    outputs: list[onnx.ValueInfoProto] = []
-    embed = b.weight(weights.embed, "embed")
-    h = b.op("Gather", embed, "input_ids")  # [B, S, hidden]
-    if style.embed_scale != 1.0:
-        h = b.op("Mul", h, b.scalar(style.embed_scale))
-    if weights.positions is not None:
-        h = b.op("Add", h, b.op("Gather", b.weight(weights.positions, "positions"), "position_ids"))
+    h = embed(b, weights, "position_ids")  # [B, S, hidden]
     ropes = _ropes(b, tables)
     windows = {a.sliding_window for a, _ in weights.layers if a is not None}
     masks = _masks(b, windows)
@@ -118,34 +98,22 @@ def build_decoder(weights: DecoderWeights, max_positions: int | None = None) -> 
             inputs += [helper.make_tensor_value_info(n, elem, shape) for n in (pk, pv)]
             rope = ropes[table] if ropes else None
             mask = masks[attn.sliding_window]
-            out, keys, values = _attention(b, h, attn, weights.eps, style, rope, mask, pk, pv)
-            h = _residual(b, h, out, style)
-            for name, t in zip(present_names(i), (keys, values)):
+            out, _, cache = attention(b, h, attn, weights.eps, style, rope, mask, pk, pv)
+            h = residual(b, h, out, style)
+            for name, t in zip(present_names(i), cache):
                 b.nodes.append(helper.make_node("Identity", [t], [name]))
                 dims = [BATCH, attn.groups, TOTAL, attn.head_dim]
                 present.append(helper.make_tensor_value_info(name, elem, dims))
         if mlp is not None:
-            h = _residual(b, h, _mlp(b, x if style.parallel else h, mlp, weights.eps, style), style)
-    if weights.final_norm is not None:
-        h = b.norm(h, weights.final_norm, weights.eps, style.norm, weights.final_norm_bias)
+            h = residual(
+                b, h, mlp_block(b, x if style.parallel else h, mlp, weights.eps, style), style
+            )
+    out = logits(b, weights, h)  # [B * S, vocab]
     vocab = weights.head.shape[0]
-    flat = b.op("Reshape", h, b.const([-1, weights.hidden]))
-    logits = b.op("Gemm", flat, b.weight(weights.head, "head"), transB=1)  # tied: the embed
-    if style.logits_divisor != 1.0:
-        logits = b.op("Div", logits, b.scalar(style.logits_divisor))
-    if style.logits_softcap is not None:
-        logits = b.softcap(logits, style.logits_softcap)
     shape = b.op("Concat", b.op("Shape", "input_ids"), b.const([vocab]), axis=0)
-    b.nodes.append(helper.make_node("Reshape", [logits, shape], ["logits"]))
-    outputs.append(helper.make_tensor_value_info("logits", elem, [BATCH, SEQ, vocab]))
-    outputs += present
-    graph = helper.make_graph(
-        b.nodes, "searcher-decoder", inputs, outputs, initializer=b.consts + b.externals
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 8
-    model.producer_name = "searcher"
-    return OnnxDecoder(model, b.weights, [i.name for i in inputs], [o.name for o in outputs])
+    b.nodes.append(helper.make_node("Reshape", [out, shape], ["logits"]))
+    logit = helper.make_tensor_value_info("logits", elem, [BATCH, SEQ, vocab])
+    return finish(b, "searcher-decoder", inputs, [logit, *present])
 
 
 def _rotary(
@@ -154,11 +122,7 @@ def _rotary(
     """``rotary_tables`` over positions 0 .. positions - 1, each row as the model computes it
     for a sequence that reaches that position (``_by_position``)."""
     tables, index = rotary_tables(weights, 0, positions)
-    fns = [weights.rotary]  # in rotary_tables' order
-    for attn, _ in weights.layers:
-        fn = weights.rotary if attn is None or attn.rotary is None else attn.rotary
-        if fn not in fns:
-            fns.append(fn)
+    fns, _ = rotary_functions(weights)  # in rotary_tables' order
     return [_by_position(fn, t, positions) for fn, t in zip(fns, tables)], index
 
 
@@ -189,7 +153,7 @@ def _by_position(fn: Any, table: tuple[torch.Tensor, torch.Tensor], positions: i
     return tuple(torch.cat([s[:lo], t[lo:]]) for s, t in zip(below, table))
 
 
-def _ropes(b: _Builder, tables: list[tuple[torch.Tensor, torch.Tensor]]):
+def _ropes(b: Builder, tables: list[tuple[torch.Tensor, torch.Tensor]]):
     """Per rotary table: cos and sin gathered by position_ids, shaped for the queries
     [B, 1, 1, S, dims] and for the keys [B, 1, S, dims], and the rotated dims."""
     out = []
@@ -204,7 +168,7 @@ def _ropes(b: _Builder, tables: list[tuple[torch.Tensor, torch.Tensor]]):
     return out
 
 
-def _masks(b: _Builder, windows: set[int | None]) -> dict[int | None, str]:
+def _masks(b: Builder, windows: set[int | None]) -> dict[int | None, str]:
     """Additive masks [B, 1, 1, S, past + S] (0 where a query may attend, the dtype's lowest
     where not), one per sliding window (None: none). Query i of the S new tokens sits at cache
     index past + i; key j is visible when j <= past + i, attention_mask[b, j] is 1 and, with a
@@ -227,87 +191,3 @@ def _masks(b: _Builder, windows: set[int | None]) -> dict[int | None, str]:
         allowed = b.op("And", allowed, real)  # [B, S, T]
         out[w] = b.op("Unsqueeze", b.op("Where", allowed, zero, low), b.const([1, 2]))
     return out
-
-
-def _attention(
-    b: _Builder, h: str, w: AttentionWeights, eps: float, style: Style, rope: Any, mask: str,
-    pk: str, pv: str,
-) -> tuple[str, str, str]:  # fmt: skip
-    """The block's output (before the residual add) and the whole cache: past then new K/V."""
-    g, r, hd = w.groups, w.group_size, w.head_dim
-    x = h if w.norm is None else b.norm(h, w.norm, eps, style.norm, w.norm_bias)
-    q = b.linear(x, w.q, w.q_bias, "q")
-    k = b.linear(x, w.k, w.k_bias, "k")
-    v = b.linear(x, w.v, w.v_bias, "v")
-    across = style.qk_norm == "all"
-    if across and w.q_norm is not None:
-        q = b.norm(q, w.q_norm, eps, style.norm)
-    if across and w.k_norm is not None:
-        k = b.norm(k, w.k_norm, eps, style.norm)
-    q = b.op("Reshape", q, b.const([0, 0, g, r, hd]))  # 0: that dim of the input
-    k = b.op("Reshape", k, b.const([0, 0, g, hd]))
-    v = b.op("Reshape", v, b.const([0, 0, g, hd]))
-    if not across and w.q_norm is not None:
-        q = b.norm(q, w.q_norm, eps, style.norm)
-    if not across and w.k_norm is not None:
-        k = b.norm(k, w.k_norm, eps, style.norm)
-    q = b.op("Transpose", q, perm=[0, 2, 3, 1, 4])  # [B, g, r, S, hd]
-    k = b.op("Transpose", k, perm=[0, 2, 1, 3])  # [B, g, S, hd]
-    v = b.op("Transpose", v, perm=[0, 2, 1, 3])
-    if rope is not None:
-        (cq, sq), (ck, sk), dims = rope
-        q = b.rotary(q, cq, sq, dims, hd)
-        k = b.rotary(k, ck, sk, dims, hd)
-    keys = b.op("Concat", pk, k, axis=2)  # [B, g, past + S, hd]
-    values = b.op("Concat", pv, v, axis=2)
-    two = b.const([2])
-    kt = b.op("Transpose", b.op("Unsqueeze", keys, two), perm=[0, 1, 2, 4, 3])
-    scale = w.scale if w.scale is not None else style.score_scale
-    scores = b.op("Mul", b.op("MatMul", q, kt), b.scalar(hd**-0.5 if scale is None else scale))
-    if style.attn_softcap is not None:
-        scores = b.softcap(scores, style.attn_softcap)
-    probs = b.op("Softmax", b.op("Add", scores, mask), axis=-1)
-    out = b.op("MatMul", probs, b.op("Unsqueeze", values, two))  # [B, g, r, S, hd]
-    out = b.op("Transpose", out, perm=[0, 3, 1, 2, 4])
-    out = b.op("Reshape", out, b.const([0, 0, g * r * hd]))
-    out = b.linear(out, w.o, w.o_bias, "o")
-    if w.post_norm is not None:
-        out = b.norm(out, w.post_norm, eps, style.norm)
-    return out, keys, values
-
-
-def save_decoder(decoder: OnnxDecoder, path: Path, external: bool | None = None) -> list[Path]:
-    """Write the graph with its weights to ``path``, and past 2 GB of weights (or where
-    ``external`` says so) the weights to ``<path name>.data`` beside it, written straight from
-    their arrays (tensors of 1 MB and more at 64 KB offsets, which runtimes can map). Returns
-    the files."""
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    if external is None:
-        external = sum(a.nbytes for a in decoder.weights.values()) > EXTERNAL_OVER
-    model = onnx.ModelProto()
-    model.CopyFrom(decoder.model)
-    kept = [t for t in model.graph.initializer if not _is_external(t)]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    data.unlink(missing_ok=True)
-    if not external:
-        model.graph.initializer.extend(
-            numpy_helper.from_array(a, name) for name, a in decoder.weights.items()
-        )
-        onnx.save_model(model, str(path))
-        return [path]
-    with open(data, "wb") as f:
-        for name, a in decoder.weights.items():
-            if a.nbytes >= 2**20 and f.tell() % 2**16:
-                f.write(bytes(2**16 - f.tell() % 2**16))
-            offset = f.tell()
-            a.tofile(f)
-            t = TensorProto(name=name, data_type=_TYPES[a.dtype], dims=a.shape)
-            t.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", data.name), ("offset", offset), ("length", a.nbytes)):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, str(value)
-            model.graph.initializer.append(t)
-    onnx.save_model(model, str(path))
-    return [path, data]

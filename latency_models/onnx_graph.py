@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from latency_models.graph import (
     AttentionWeights,
@@ -29,7 +30,8 @@ from latency_models.workload import Workload
 from searcher.errors import SearcherError
 
 OPSET = 17
-_TYPES = {np.dtype("float32"): TensorProto.FLOAT}
+TYPES = {np.dtype("float32"): TensorProto.FLOAT}
+EXTERNAL_OVER = 2**31 - 2**26  # bytes past which weights go to <name>.data (protobuf: 2 GB)
 
 
 @dataclass
@@ -39,34 +41,68 @@ class OnnxDecoder:
     inputs: list[str]
     outputs: list[str]
 
-    def save(self, path: str) -> None:
-        """A self-contained .onnx file (weights embedded; external data past 2 GB)."""
-        from onnx import numpy_helper
-
+    def save(self, path: str | Path, external: bool | None = None) -> list[Path]:
+        """Write the graph with its weights to ``path``, self-contained; past 2 GB in all
+        (weights, tables, masks and graph: every byte protobuf would hold), or where
+        ``external`` says so, the weights and every other initializer of 1 MB or more go to
+        ``<path name>.data`` beside it, written straight from their arrays (tensors of 1 MB
+        and more at 64 KB offsets, which runtimes can map). Returns the files."""
+        path = Path(path)
+        data = path.with_name(path.name + ".data")
         model = onnx.ModelProto()
         model.CopyFrom(self.model)
-        kept = [t for t in model.graph.initializer if not _is_external(t)]
+        kept = [t for t in model.graph.initializer if not is_external(t)]
         del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
-        model.graph.initializer.extend(
-            numpy_helper.from_array(a, name) for name, a in self.weights.items()
-        )
-        big = sum(a.nbytes for a in self.weights.values()) > 2**31 - 2**26
-        onnx.save_model(model, path, save_as_external_data=big)
+        if external is None:
+            inline = model.ByteSize()  # the graph and its inline constants (rotary tables...)
+            external = inline + sum(a.nbytes for a in self.weights.values()) > EXTERNAL_OVER
+        data.unlink(missing_ok=True)
+        if not external:
+            model.graph.initializer.extend(kept)
+            model.graph.initializer.extend(
+                numpy_helper.from_array(a, name) for name, a in self.weights.items()
+            )
+            onnx.save_model(model, str(path))
+            return [path]
+        big = [t for t in kept if len(t.raw_data) >= 2**20]
+        model.graph.initializer.extend(t for t in kept if len(t.raw_data) < 2**20)
+        arrays = [*self.weights.items(), *((t.name, numpy_helper.to_array(t)) for t in big)]
+        with open(data, "wb") as f:
+            for name, a in arrays:
+                if a.nbytes >= 2**20 and f.tell() % 2**16:
+                    f.write(bytes(2**16 - f.tell() % 2**16))
+                offset = f.tell()
+                np.ascontiguousarray(a).tofile(f)
+                t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(a.dtype))
+                t.dims.extend(a.shape)
+                t.data_location = TensorProto.EXTERNAL
+                for key, value in (
+                    ("location", data.name), ("offset", offset), ("length", a.nbytes),
+                ):  # fmt: skip
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                model.graph.initializer.append(t)
+        onnx.save_model(model, str(path))
+        return [path, data]
 
 
-def _is_external(t: TensorProto) -> bool:
+def is_external(t: TensorProto) -> bool:
     return t.data_location == TensorProto.EXTERNAL
 
 
 @dataclass
-class _Builder:
+class Builder:
+    """Nodes, constants and weights of a graph. Each weight tensor is stored once however many
+    nodes read it (a tied embedding and head, the one norm both blocks of a parallel Falcon
+    layer read)."""
+
     dtype: np.dtype
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     consts: list[TensorProto] = field(default_factory=list)
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     externals: list[TensorProto] = field(default_factory=list)
     n: int = 0
+    seen: dict[tuple[int, bool], tuple[torch.Tensor, str]] = field(default_factory=dict)
 
     def name(self, hint: str) -> str:
         self.n += 1
@@ -80,16 +116,22 @@ class _Builder:
     def const(self, value: np.ndarray | list[int], hint: str = "c") -> str:
         arr = np.asarray(value)
         name = self.name(hint)
-        self.consts.append(onnx.numpy_helper.from_array(arr, name))
+        self.consts.append(numpy_helper.from_array(arr, name))
         return name
 
     def weight(self, t: torch.Tensor, hint: str, transpose: bool = False) -> str:
         """A weight handed to ONNX Runtime from memory (transposed for MatMul if asked)."""
+        key = (id(t), transpose)  # the tensor is kept in ``seen``: its id is not reused
+        if key not in self.seen:
+            self.seen[key] = (t, self._weight(t, hint, transpose))
+        return self.seen[key][1]
+
+    def _weight(self, t: torch.Tensor, hint: str, transpose: bool) -> str:
         arr = t.detach().to("cpu", torch.float32).numpy().astype(self.dtype, copy=False)
         arr = np.ascontiguousarray(arr.T if transpose else arr)
         name = self.name(hint)
         self.weights[name] = arr
-        proto = TensorProto(name=name, data_type=_TYPES[arr.dtype], dims=arr.shape)
+        proto = TensorProto(name=name, data_type=TYPES[arr.dtype], dims=arr.shape)
         proto.data_location = TensorProto.EXTERNAL
         for key, value in (("location", "memory"), ("offset", "0"), ("length", str(arr.nbytes))):
             entry = proto.external_data.add()
@@ -163,7 +205,7 @@ def _or_zeros(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 ONNX_ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 
 
-def _refuse_unbuilt(style: Style) -> None:
+def refuse_unbuilt(style: Style) -> None:
     """One line naming what this builder does not write, before any node is built."""
     if style.act not in ONNX_ACTIVATIONS:
         raise SearcherError(
@@ -177,8 +219,8 @@ def build(weights: DecoderWeights, workload: Workload) -> OnnxDecoder:
     in float32 (what ONNX Runtime's CPU kernels run)."""
     style = weights.style
     check_style(weights)
-    _refuse_unbuilt(style)
-    b = _Builder(np.dtype("float32"))
+    refuse_unbuilt(style)
+    b = Builder(np.dtype("float32"))
     wl = workload
     tokens = wl.seq_len if wl.prefill else 1
     first = 0 if wl.prefill else wl.seq_len
@@ -192,18 +234,12 @@ def build(weights: DecoderWeights, workload: Workload) -> OnnxDecoder:
     hidden = weights.hidden
     inputs: list[onnx.ValueInfoProto] = []
     outputs: list[onnx.ValueInfoProto] = []
-    elem = _TYPES[b.dtype]
-    embed = None
+    elem = TYPES[b.dtype]
     if weights.embed is not None:
         inputs.append(
             helper.make_tensor_value_info("input_ids", TensorProto.INT64, [wl.batch, tokens])
         )
-        embed = b.weight(weights.embed, "embed")
-        h = b.op("Gather", embed, "input_ids")
-        if style.embed_scale != 1.0:
-            h = b.op("Mul", h, b.scalar(style.embed_scale))
-        if weights.positions is not None:
-            h = b.op("Add", h, b.weight(weights.positions[first : first + tokens], "positions"))
+        h = embed(b, weights, slice(first, first + tokens))
     else:
         inputs.append(helper.make_tensor_value_info("hidden_in", elem, [wl.batch, tokens, hidden]))
         h = "hidden_in"
@@ -219,33 +255,26 @@ def build(weights: DecoderWeights, workload: Workload) -> OnnxDecoder:
                 pk, pv = f"past_k_{j}", f"past_v_{j}"
                 past += [helper.make_tensor_value_info(n, elem, shape) for n in (pk, pv)]
             rope = ropes[table] if ropes else None
-            out, k, v = _attention(
-                b, h, attn, weights.eps, style, rope, mask, pk, pv, wl.batch, tokens
+            rope = None if rope is None else (rope[:2], rope[:2], rope[2])
+            out, new, _ = attention(
+                b, h, attn, weights.eps, style, rope, mask, pk, pv, (wl.batch, tokens)
             )
-            h = _residual(b, h, out, style)
-            for kv, name in (("k", k), ("v", v)):
+            h = residual(b, h, out, style)
+            for kv, name in zip("kv", new):
                 out = f"present_{kv}_{j}"
                 b.nodes.append(helper.make_node("Identity", [name], [out]))
                 dims = [wl.batch, attn.groups, tokens, attn.head_dim]
                 present.append(helper.make_tensor_value_info(out, elem, dims))
             j += 1
         if mlp is not None:
-            h = _residual(b, h, _mlp(b, x if style.parallel else h, mlp, weights.eps, style), style)
+            h = residual(
+                b, h, mlp_block(b, x if style.parallel else h, mlp, weights.eps, style), style
+            )
     inputs += past
     if weights.head is not None:
-        last = b.op("Gather", h, b.const(np.array(tokens - 1, dtype=np.int64)), axis=1)
-        if weights.final_norm is not None:
-            last = b.norm(
-                last, weights.final_norm, weights.eps, style.norm, weights.final_norm_bias
-            )
-        tied = weights.head is weights.embed and embed is not None
-        head = embed if tied else b.weight(weights.head, "head")
-        logits = b.op("Gemm", last, head, transB=1)
-        if style.logits_divisor != 1.0:
-            logits = b.op("Div", logits, b.scalar(style.logits_divisor))
-        if style.logits_softcap is not None:
-            logits = b.softcap(logits, style.logits_softcap)
-        b.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+        b.nodes.append(
+            helper.make_node("Identity", [logits(b, weights, h, tokens - 1)], ["logits"])
+        )
         outputs.append(
             helper.make_tensor_value_info("logits", elem, [wl.batch, weights.head.shape[0]])
         )
@@ -254,27 +283,74 @@ def build(weights: DecoderWeights, workload: Workload) -> OnnxDecoder:
         outputs.append(
             helper.make_tensor_value_info("hidden_out", elem, [wl.batch, tokens, hidden])
         )
-    outputs += present
-    graph = helper.make_graph(
-        b.nodes, f"searcher-{wl.key}", inputs, outputs, initializer=b.consts + b.externals
-    )
+    return finish(b, f"searcher-{wl.key}", inputs, outputs + present)
+
+
+def finish(
+    b: Builder, name: str, inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto]
+) -> OnnxDecoder:
+    """The model of ``b``'s nodes and initializers."""
+    graph = helper.make_graph(b.nodes, name, inputs, outputs, initializer=b.consts + b.externals)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
+    model.producer_name = "searcher"
     return OnnxDecoder(model, b.weights, [i.name for i in inputs], [o.name for o in outputs])
 
 
-def _residual(b: _Builder, h: str, out: str, style: Style) -> str:
+def embed(b: Builder, weights: DecoderWeights, positions: slice | str) -> str:
+    """``input_ids``' embeddings [B, S, hidden], scaled, plus learned positions where the model
+    has them: the table's rows ``positions`` (a slice), or gathered by the input it names."""
+    style = weights.style
+    assert weights.embed is not None
+    h = b.op("Gather", b.weight(weights.embed, "embed"), "input_ids")
+    if style.embed_scale != 1.0:
+        h = b.op("Mul", h, b.scalar(style.embed_scale))
+    if weights.positions is not None:
+        if isinstance(positions, slice):
+            pos = b.weight(weights.positions[positions], "positions")
+        else:
+            pos = b.op("Gather", b.weight(weights.positions, "positions"), positions)
+        h = b.op("Add", h, pos)
+    return h
+
+
+def logits(b: Builder, weights: DecoderWeights, h: str, last: int | None = None) -> str:
+    """The final norm and LM head (divisor, softcap) over ``h`` [B, S, hidden]: at position
+    ``last`` only ([B, vocab]), or at every position ([B * S, vocab])."""
+    style = weights.style
+    assert weights.head is not None
+    if last is not None:
+        h = b.op("Gather", h, b.const(np.array(last, dtype=np.int64)), axis=1)
+    if weights.final_norm is not None:
+        h = b.norm(h, weights.final_norm, weights.eps, style.norm, weights.final_norm_bias)
+    if last is None:
+        h = b.op("Reshape", h, b.const([-1, weights.hidden]))
+    out = b.op("Gemm", h, b.weight(weights.head, "head"), transB=1)  # tied: the embedding
+    if style.logits_divisor != 1.0:
+        out = b.op("Div", out, b.scalar(style.logits_divisor))
+    if style.logits_softcap is not None:
+        out = b.softcap(out, style.logits_softcap)
+    return out
+
+
+def residual(b: Builder, h: str, out: str, style: Style) -> str:
     if style.residual_scale != 1.0:
         out = b.op("Mul", out, b.scalar(style.residual_scale))
     return b.op("Add", h, out)
 
 
-def _attention(
-    b: _Builder, h: str, w: AttentionWeights, eps: float, style: Style,
-    rope: tuple[str, str, int] | None, mask: str | None, pk: str | None, pv: str | None,
-    batch: int, tokens: int,
-) -> tuple[str, str, str]:  # fmt: skip
-    """The block's output (before the residual add) and its new K and V."""
+Rope = tuple[tuple[str, str], tuple[str, str], int]
+
+
+def attention(
+    b: Builder, h: str, w: AttentionWeights, eps: float, style: Style, rope: Rope | None,
+    mask: str | None, pk: str | None, pv: str | None, shape: tuple[int, int] = (0, 0),
+) -> tuple[str, tuple[str, str], tuple[str, str]]:  # fmt: skip
+    """The block's output (before the residual add), its new K and V, and the whole cache
+    (``pk``/``pv``, where given, then the new K/V) [B, g, past + S, hd]. ``rope``: cos and sin
+    shaped for the queries [.., S, dims] and for the keys, and the rotated dims; ``mask``: added
+    to the scores; ``shape``: batch and tokens (0: as the input's)."""
+    batch, tokens = shape
     g, r, hd = w.groups, w.group_size, w.head_dim
     x = h if w.norm is None else b.norm(h, w.norm, eps, style.norm, w.norm_bias)
     q = b.linear(x, w.q, w.q_bias, "q")
@@ -285,19 +361,20 @@ def _attention(
         q = b.norm(q, w.q_norm, eps, style.norm)
     if across and w.k_norm is not None:
         k = b.norm(k, w.k_norm, eps, style.norm)
-    q = b.op("Reshape", q, b.const([batch, tokens, g, r, hd]))
+    q = b.op("Reshape", q, b.const([batch, tokens, g, r, hd]))  # 0: that dim of the input
     k = b.op("Reshape", k, b.const([batch, tokens, g, hd]))
     v = b.op("Reshape", v, b.const([batch, tokens, g, hd]))
     if not across and w.q_norm is not None:
         q = b.norm(q, w.q_norm, eps, style.norm)
     if not across and w.k_norm is not None:
         k = b.norm(k, w.k_norm, eps, style.norm)
-    q = b.op("Transpose", q, perm=[0, 2, 3, 1, 4])
-    k = b.op("Transpose", k, perm=[0, 2, 1, 3])
+    q = b.op("Transpose", q, perm=[0, 2, 3, 1, 4])  # [B, g, r, S, hd]
+    k = b.op("Transpose", k, perm=[0, 2, 1, 3])  # [B, g, S, hd]
     v = b.op("Transpose", v, perm=[0, 2, 1, 3])
     if rope is not None:
-        q = b.rotary(q, *rope, hd)
-        k = b.rotary(k, *rope, hd)
+        (cq, sq), (ck, sk), dims = rope
+        q = b.rotary(q, cq, sq, dims, hd)
+        k = b.rotary(k, ck, sk, dims, hd)
     keys, values = k, v
     if pk is not None:
         keys = b.op("Concat", pk, k, axis=2)
@@ -311,16 +388,16 @@ def _attention(
     if mask is not None:
         scores = b.op("Add", scores, mask)
     probs = b.op("Softmax", scores, axis=-1)
-    out = b.op("MatMul", probs, b.op("Unsqueeze", values, two))
+    out = b.op("MatMul", probs, b.op("Unsqueeze", values, two))  # [B, g, r, S, hd]
     out = b.op("Transpose", out, perm=[0, 3, 1, 2, 4])
     out = b.op("Reshape", out, b.const([batch, tokens, g * r * hd]))
     out = b.linear(out, w.o, w.o_bias, "o")
     if w.post_norm is not None:
         out = b.norm(out, w.post_norm, eps, style.norm)
-    return out, k, v
+    return out, (k, v), (keys, values)
 
 
-def _mlp(b: _Builder, h: str, w: MLPWeights, eps: float, style: Style) -> str:
+def mlp_block(b: Builder, h: str, w: MLPWeights, eps: float, style: Style) -> str:
     """The block's output (before the residual add)."""
     x = h if w.norm is None else b.norm(h, w.norm, eps, style.norm, w.norm_bias)
     u = b.linear(x, w.up, w.up_bias, "up")

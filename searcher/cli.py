@@ -372,7 +372,7 @@ def _export(args: argparse.Namespace) -> None:
         )
     print(f"wrote {res['format']} to {res['out']}")
     if "validation_kl" in res:
-        hf = "; also a Hugging Face checkpoint" if res.get("huggingface_checkpoint") else ""
+        hf = "; also a Hugging Face checkpoint" if "remote_code" in res else ""
         if res.get("remote_code"):
             hf += " (per-layer shapes in its own modeling file: trust_remote_code=True)"
         print(f"  {res['parameters']:,} parameters, validation KL {res['validation_kl']:.6f} "

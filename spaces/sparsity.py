@@ -98,6 +98,10 @@ class SparsitySpace(SearchSpace):
         in_features = self._dense[gi].shape[1]
         return math.ceil(self.sparsities[level] * in_features - 1e-9)
 
+    def row_zeros(self, gi: int, level: int) -> tuple[int, int]:
+        """Gene gi's linear: (its input features, the weights zeroed per row at ``level``)."""
+        return self._dense[gi].shape[1], self._zeroed(gi, level)
+
     def apply(self, candidate: Sequence[int]) -> None:
         with torch.no_grad():
             for gi, level in enumerate(candidate):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -25,8 +26,19 @@ import pytest
 import torch
 
 import spaces
+from searcher.errors import SearcherError
 from searcher.export import load_pruned
-from searcher.export.pruned import KEY, MODELING, layer_shapes, reshaping, save_pruned, uniform
+from searcher.export.pruned import (
+    CONFIG,
+    HF_CONFIG,
+    KEY,
+    MODELING,
+    WEIGHTS,
+    layer_shapes,
+    reshaping,
+    save_pruned,
+    uniform,
+)
 from tests.helpers import logits
 from tests.test_families import CONFIGS, OPTIONS, SEQ, _mid, _windows, build
 
@@ -152,7 +164,9 @@ def test_export_loads_and_generates_without_searcher(exported, model_type, space
     remote = space_name != "sparsity"  # width and depth candidates here are not uniform
     assert case["info"]["remote_code"] is remote
     assert (got["class"] == "SearcherPrunedForCausalLM") is remote
-    assert got["module"].startswith("transformers")  # its own classes, or the copied file
+    # the copied modeling file (transformers imports it as a dynamic module), or the family's
+    # own classes
+    assert got["module"].startswith("transformers_modules." if remote else "transformers.models.")
     # the same logits as the pruned model the search scored: the same KL
     diff = (torch.tensor(got["logits"]) - case["logits"]).abs().max()
     assert diff < 1e-4
@@ -208,3 +222,116 @@ def test_depth_export_records_removed_blocks(exported) -> None:
 def test_a_dense_model_differs_in_nothing(model_type: str) -> None:
     """The recorded differences come from pruning alone: none for a dense model."""
     assert reshaping(build(model_type)) == {}
+
+
+def _save(tmp_path: Path, model_type: str = "llama", space_name: str = "depth") -> tuple:
+    """One candidate of ``_candidate`` saved to ``tmp_path / "m"``: the directory and the
+    pruned model's logits."""
+    model = build(model_type)
+    space = spaces.build(
+        space_name, spaces.Structure.of(model), SEQ, _windows(), options=OPTIONS[space_name]
+    )
+    pruned = space.materialize(_candidate(space))
+    out = tmp_path / "m"
+    save_pruned(pruned, out, {})
+    return out, logits(pruned, _windows()[:1])
+
+
+def test_load_pruned_never_runs_the_directorys_code(tmp_path: Path) -> None:
+    """searcher loads a remote-code export with its own copy of the modeling file: the
+    directory's is never imported (here it would write a marker file and raise)."""
+    out, want = _save(tmp_path)
+    marker = tmp_path / "imported"
+    (out / MODELING).write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\nraise RuntimeError('directory code ran')\n"
+    )
+    model = load_pruned(out)
+    assert not marker.exists()
+    torch.testing.assert_close(logits(model, _windows()[:1]), want, atol=1e-4, rtol=1e-4)
+
+
+def test_load_pruned_reads_safetensors_only(tmp_path: Path) -> None:
+    """Weights as a pickle (``pytorch_model.bin``) instead of safetensors: refused, not read."""
+    out, _ = _save(tmp_path)
+    model = load_pruned(out)
+    (out / WEIGHTS).unlink()
+    torch.save(model.state_dict(), out / "pytorch_model.bin")
+    with pytest.raises(SearcherError) as err:
+        load_pruned(out)
+    assert "\n" not in str(err.value)
+
+
+def _edit(name: str, change):
+    def edit(out: Path) -> None:
+        path = out / name
+        data = json.loads(path.read_text())
+        data = change(data) or data
+        path.write_text(json.dumps(data))
+
+    return edit
+
+
+def _first_removed(cfg: dict) -> dict:
+    return next(iter(cfg[KEY]["removed"].values()))
+
+
+def _set(mapping: dict, key: str, value) -> None:
+    mapping[key] = value
+
+
+CORRUPT = {
+    "removed block with an unknown key": _edit(
+        HF_CONFIG, lambda c: _set(_first_removed(c), "bogus", 1)
+    ),
+    "removed block not an object": _edit(
+        HF_CONFIG, lambda c: _set(c[KEY]["removed"], next(iter(c[KEY]["removed"])), [1])
+    ),
+    "parameter shape a string": _edit(
+        HF_CONFIG, lambda c: _set(c[KEY], "parameters", {"model.norm.weight": "wide"})
+    ),
+    "parameter of no module": _edit(
+        HF_CONFIG, lambda c: _set(c[KEY], "parameters", {"model.nothing.weight": [3]})
+    ),
+    "reshaping a list": _edit(HF_CONFIG, lambda c: _set(c, KEY, [1, 2])),
+    "config.json a list": _edit(HF_CONFIG, lambda c: [c]),
+    "config.json of another model type": _edit(
+        HF_CONFIG, lambda c: _set(c, "model_type", "mistral")
+    ),
+    "config.json with fewer layers": _edit(
+        HF_CONFIG, lambda c: _set(c, "num_hidden_layers", c["num_hidden_layers"] - 1)
+    ),
+    "config.json with another layer shape": _edit(
+        HF_CONFIG, lambda c: _set(c[KEY]["removed"], "model.layers.1.self_attn", _first_removed(c))
+    ),
+    "pruned_config.json a list": _edit(CONFIG, lambda r: [r]),
+    "pruned_config.json with a shape a string": _edit(
+        CONFIG, lambda r: _set(r["layers"][0], "intermediate_size", "wide")
+    ),
+    "pruned_config.json with fewer layers": _edit(
+        CONFIG, lambda r: _set(r, "layers", r["layers"][:-1])
+    ),
+    "pruned_config.json with another layer shape": _edit(
+        CONFIG, lambda r: _set(r["layers"][2], "intermediate_size", 1)
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def depth_export(tmp_path_factory) -> Path:
+    out, _ = _save(tmp_path_factory.mktemp("depth"))
+    return out
+
+
+@pytest.mark.parametrize("what", sorted(CORRUPT))
+def test_a_corrupt_export_is_refused_in_one_line(depth_export, tmp_path, what) -> None:
+    """A remote-code export whose JSON was damaged, or whose config.json and
+    pruned_config.json disagree: a SearcherError of one line, no traceback from inside
+    transformers. (No CLI command reads a pruned directory: ``load_pruned`` is the way in.)"""
+    out = tmp_path / "m"
+    shutil.copytree(depth_export, out)
+    CORRUPT[what](out)
+    with pytest.raises(SearcherError) as err:
+        load_pruned(out)
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 600, message
+    assert str(out) in message

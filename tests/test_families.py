@@ -256,7 +256,8 @@ def test_search_and_export(searched_type: str, space_name: str, tmp_path: Path, 
     saved = json.loads((tmp_path / "m" / "pruned_config.json").read_text())
     assert saved["family"] == MODEL_TYPES[searched_type.split(":")[0]].name
     if space_name != "width":
-        return  # the ONNX graph of every family x space: test_onnx_model_generates_torchs_tokens
+        return  # search and pruned export are checked above; the ONNX graph of every family x
+        # space: test_onnx_model_generates_torchs_tokens
     # through the CLI once per family: the export checks prefill and cached decode in ONNX
     # Runtime against torch's logits
     code = main(["export", str(tmp_path / "run"), "--format", "onnx", "--out",

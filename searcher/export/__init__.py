@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,18 @@ def export_config(
         raise SearcherError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
     out = Path(out)
     _refuse_overwrite(config, Path(source), out, model)
-    cfg = canonical(config)
+    start = time.time() - 1.0
+    result = _write(canonical(config), config, source, fmt, out, model, trust_remote_code, on_phase)
+    for path in [out] if out.is_file() else out.rglob("*"):
+        if path.is_file() and path.stat().st_mtime >= start:  # what this export wrote
+            path.chmod(0o644)  # whatever the umask: a model is for other users and services
+    return result
+
+
+def _write(
+    cfg: dict[str, Any], config: dict[str, Any], source: str, fmt: str, out: Path,
+    model: str | None, trust_remote_code: bool, on_phase: Callable[[str], None],
+) -> dict[str, Any]:  # fmt: skip
     if fmt == "json":
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
@@ -127,6 +139,8 @@ def export_config(
         on_phase("removing the channels with Torch-Pruning and checking the result")
         check = export_torch_pruning(cfg, session, genes, out, model, trust_remote_code)
         return {"format": fmt, "out": str(out), **check}
+    from searcher.export.onnx import export_onnx
+
     on_phase("building and checking the ONNX model")
     return {"format": fmt, "out": str(out), **export_onnx(pruned, session, out)}
 
@@ -198,14 +212,6 @@ def export_torch_pruning(
     text = re.sub(r"\[\s+([-\d.,\s]+?)\s+\]", lambda m: f"[{' '.join(m[1].split())}]", text)
     out.write_text(text + "\n", encoding="utf-8")
     return check
-
-
-def export_onnx(pruned: Any, session: Any, out: Path, tol: float = 1e-3) -> dict[str, Any]:
-    """``out/model.onnx``: one decoder graph with a KV cache and dynamic shapes, checked in
-    ONNX Runtime (prefill, then cached decode) against torch (``searcher.export.onnx``)."""
-    from searcher.export.onnx import export_onnx as write_onnx
-
-    return write_onnx(pruned, session, out, tol)
 
 
 def export_run(

@@ -11,8 +11,9 @@ transformers maps the recorded ``model_type`` to): it is built dense from the co
 before the weights load, changed as ``config.searcher_pruned`` says, all plain data recorded by
 comparing the pruned model with a dense one built from the same config:
 
-- ``removed``: module name -> ``{"attention": bool, "features": int | None, "layer": int}``,
-  a block replaced by ``RemovedBlock``, which adds nothing to the residual stream;
+- ``removed``: module name -> ``{"attention": bool, "features": int | None,
+  "layer": int | None}`` (``layer``: a removed attention's index in the KV cache), a block
+  replaced by ``RemovedBlock``, which adds nothing to the residual stream;
 - ``parameters``: parameter name -> its shape, for each parameter whose shape changed (each is
   replaced by an empty parameter of that shape, which the weights then fill);
 - ``attributes``: module name -> ``{attribute: value}``, module attributes that follow the
@@ -20,7 +21,10 @@ comparing the pruned model with a dense one built from the same config:
 - ``configs``: ``module.attribute`` -> ``{key: value}``, a module's own copy of the config
   with those keys changed (for modules that read their head counts from the config).
 
-Attention and MLP computations are transformers' own; only shapes change.
+Attention and MLP computations are transformers' own; only shapes change. searcher's own
+stand-in for a removed block (``Dropped`` in its families' base module) is ``RemovedBlock``:
+this file is the one source of how a removed block computes (transformers is imported only by
+``classes_for``, so that searcher's families import this module with torch alone).
 """
 
 from __future__ import annotations
@@ -29,10 +33,7 @@ import copy
 from typing import Any
 
 import torch
-import transformers
 from torch import nn
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 KEY = "searcher_pruned"
 CONFIG_CLASS = "SearcherPrunedConfig"
@@ -47,14 +48,17 @@ class RemovedBlock(nn.Module):
     that the cache's length (which transformers reads from the first layer) stays the number
     of tokens seen, whichever layers lost their attention."""
 
-    def __init__(self, attention: bool, features: int | None = None, layer: int | None = None):
+    def __init__(
+        self, attention: bool, features: int | None = None, layer: int | None = None
+    ) -> None:
         super().__init__()
         self.attention = attention
         self.features = features
-        self.layer = layer
+        self.layer = layer  # a removed attention's index in the KV cache
 
     def removed_as(self) -> dict[str, Any]:
-        return {"attention": self.attention, "features": self.features}
+        """What stands in, as plain data (``reshape`` builds it again from this)."""
+        return {"attention": self.attention, "features": self.features, "layer": self.layer}
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         width = hidden_states.shape[-1] if self.features is None else self.features
@@ -108,6 +112,10 @@ def reshape(model: nn.Module, spec: dict[str, Any]) -> None:
 def classes_for(model_type: str) -> tuple[type, type]:
     """The config and causal-LM classes of a pruned model of ``model_type``: subclasses of the
     ones transformers maps that model type to."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     base_config = CONFIG_MAPPING[model_type]
     base_model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
 

@@ -22,17 +22,17 @@ DECODE_STEPS = 64  # at most this many cached decode steps in the check (half a 
 def export_onnx(
     pruned: Any, session: Any, out: Path, tol: float = 1e-3, external: bool | None = None
 ) -> dict[str, Any]:
-    """Write ``out/model.onnx`` (and ``model.onnx.data`` past 2 GB of weights, or where
+    """Write ``out/model.onnx`` (and ``model.onnx.data`` past 2 GB in all, or where
     ``external`` says so) for the pruned model, and check it in ONNX Runtime on a validation
     window of the session. Returns its files, sizes and the largest logit differences."""
-    from latency_models.onnx_decoder import build_decoder, save_decoder
+    from latency_models.onnx_decoder import build_decoder
 
     start = time.perf_counter()
     weights = session.space.structure.family.lean(pruned)
     positions = getattr(pruned.config, "max_position_embeddings", None)
     decoder = build_decoder(weights, positions)
     out.mkdir(parents=True, exist_ok=True)
-    files = save_decoder(decoder, out / MODEL, external)
+    files = decoder.save(out / MODEL, external)
     del decoder
     written = time.perf_counter() - start
     result: dict[str, Any] = {

@@ -14,9 +14,10 @@ searcher:
   ``modeling_searcher_pruned.py``, copied next to it: transformers' own model of the family,
   built dense and reshaped before the weights load (load with ``trust_remote_code=True``).
 
-``load_pruned`` loads the latter with searcher's own copy of that code (never the directory's)
-and rebuilds the former from ``pruned_config.json``: no pickle and no model code from the
-directory.
+``load_pruned`` loads the latter with searcher's own copy of that code (never the directory's),
+checking ``config.json`` against ``pruned_config.json``, and rebuilds the former from
+``pruned_config.json``: safetensors and JSON only, no pickle and no model code from the
+directory; a file that does not fit is refused in one line.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def uniform(shapes: list[dict[str, int]]) -> bool:
 
 
 def save_pruned(model: nn.Module, out: Path, header: dict[str, Any]) -> dict[str, Any]:
-    """Write the pruned model; returns what was written (shapes, whether the directory is an
-    ordinary Hugging Face checkpoint or one with remote code)."""
+    """Write the pruned model; returns what was written: the per-layer shapes, and whether
+    transformers needs the directory's modeling file (``trust_remote_code=True``) or loads it as
+    the family's ordinary checkpoint."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     s = Structure.of(model)
@@ -102,7 +104,7 @@ def save_pruned(model: nn.Module, out: Path, header: dict[str, Any]) -> dict[str
     else:
         code.unlink(missing_ok=True)  # from an earlier export to this directory
     _write_json(out / HF_CONFIG, hf_cfg)
-    return {"layers": shapes, "huggingface_checkpoint": True, "remote_code": remote}
+    return {"layers": shapes, "remote_code": remote}
 
 
 def base_config(model: nn.Module) -> dict[str, Any]:
@@ -180,9 +182,9 @@ def reshaping(model: nn.Module) -> dict[str, dict[str, Any]]:
         if twin is None:
             raise SearcherError(f"the pruned model has a module {name!r} the dense one lacks")
         if is_removed(module):
-            how = {**module.removed_as(), "layer": None}
-            if how["attention"]:  # its index in the KV cache: the decoder layer's
-                how["layer"] = next(ly.index for ly in layers if name.startswith(ly.prefix + "."))
+            how = dict(module.removed_as())  # with a removed attention's index in the KV cache
+            if how.get("attention") and how.get("layer") is None:
+                raise SearcherError(f"the removed attention {name!r} has no KV-cache index")
             spec["removed"][name] = how
             continue
         if not isinstance(module, type(twin)):  # the family's class, or a subclass
@@ -237,7 +239,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The pruned model saved by ``save_pruned`` (or ``searcher export --format pruned``)."""
+    """The pruned model saved by ``save_pruned`` (or ``searcher export --format pruned``).
+    Reads JSON and safetensors only; a directory that does not fit is refused in one line."""
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -248,18 +251,25 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
         if record.get("format") != FORMAT:
             raise SearcherError(f"{path / CONFIG} is not a {FORMAT} record")
         base = dict(record["base_config"])
-        shapes = record["layers"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise SearcherError(f"{path} is not a pruned searcher model: {exc}") from None
+        shapes = _shapes(record["layers"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SearcherError(f"{path} is not a pruned searcher model: {_one_line(exc)}") from None
     model_type = base.pop("model_type", None)
     family_for(model_type)
     hf_cfg = _read_hf_config(path)
+    if hf_cfg and hf_cfg.get("model_type") != model_type:
+        raise SearcherError(
+            f"{path}: {HF_CONFIG} is a {hf_cfg.get('model_type')!r} model, {CONFIG} a "
+            f"{model_type!r} one"
+        )
     if KEY in hf_cfg:
-        return _load_reshaped(path, model_type, dtype)
+        return _load_reshaped(path, model_type, shapes, dtype)
     try:
         config = AutoConfig.for_model(model_type, **base)
-    except (ValueError, KeyError) as exc:
-        raise SearcherError(f"{path}: cannot rebuild a {model_type!r} config: {exc}") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SearcherError(
+            f"{path}: cannot rebuild a {model_type!r} config: {_one_line(exc)}"
+        ) from None
     # built on the CPU (buffers such as rotary tables and embedding scales computed as the
     # model computes them) but not initialised: the weights come from the file
     with no_init_weights():
@@ -278,7 +288,10 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
             elif units != s.units(kind):
                 resize_to(s.family, layer.module, layer.block(kind), units, s.shapes)
     model.tie_weights()  # before loading: a tied head is stored once, under one name
-    missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SearcherError(f"{path / WEIGHTS}: {_one_line(exc)}") from None
     if unexpected or missing:
         raise SearcherError(
             f"{path}: the weights do not fit the recorded shapes (missing {sorted(missing)[:3]}, "
@@ -288,25 +301,75 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
     return model.eval().requires_grad_(False)
 
 
+SHAPE_KEYS = ("num_heads", "num_key_value_heads", "intermediate_size")
+
+
+def _shapes(layers: Any) -> list[dict[str, int]]:
+    """``pruned_config.json``'s per-layer shapes, checked: a list of {key: count >= 0}."""
+    if not isinstance(layers, list) or not layers:
+        raise ValueError(f"'layers' is not a list of layer shapes: {layers!r:.80}")
+    for i, shape in enumerate(layers):
+        if not isinstance(shape, dict) or sorted(shape) != sorted(SHAPE_KEYS):
+            raise ValueError(f"layer {i}: not a dict of {', '.join(SHAPE_KEYS)}: {shape!r:.80}")
+        for key, value in shape.items():
+            if type(value) is not int or value < 0:
+                raise ValueError(f"layer {i}: {key} is {value!r:.40}, not a count")
+    return layers
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line, not too long for one."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _read_hf_config(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / HF_CONFIG).read_text(encoding="utf-8"))
+        cfg = json.loads((path / HF_CONFIG).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}  # written before config.json was (non-uniform shapes)
     except (OSError, ValueError) as exc:
-        raise SearcherError(f"{path / HF_CONFIG}: {exc}") from None
+        raise SearcherError(f"{path / HF_CONFIG}: {_one_line(exc)}") from None
+    if not isinstance(cfg, dict):
+        raise SearcherError(f"{path / HF_CONFIG}: not a JSON object")
+    return cfg
 
 
-def _load_reshaped(path: Path, model_type: str, dtype: torch.dtype) -> nn.Module:
+def _load_reshaped(
+    path: Path, model_type: str, shapes: list[dict[str, int]], dtype: torch.dtype
+) -> nn.Module:
     """A directory with remote code, loaded by searcher's own copy of that code: the same
     classes ``from_pretrained(..., trust_remote_code=True)`` builds, none of the directory's
-    code run."""
+    code run, and only its safetensors read. The model built from ``config.json`` must have
+    the layers ``pruned_config.json`` records."""
     from searcher.export import modeling_searcher_pruned as code
 
-    config_class, model_class = code.classes_for(model_type)
     try:
+        config_class, model_class = code.classes_for(model_type)
         config = config_class.from_pretrained(path)
-        model = model_class.from_pretrained(path, config=config, dtype=dtype)
-    except (OSError, ValueError, RuntimeError, KeyError, AttributeError) as exc:
-        raise SearcherError(f"{path}: cannot load the pruned model: {exc}") from None
+        model, info = model_class.from_pretrained(
+            path, config=config, dtype=dtype, use_safetensors=True, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        raise SearcherError(f"{path}: cannot load the pruned model: {_one_line(exc)}") from None
+    missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
+    mismatched = [m[0] if isinstance(m, tuple) else m for m in info.get("mismatched_keys") or ()]
+    if missing or unexpected or mismatched:
+        raise SearcherError(
+            f"{path}: the weights do not fit {HF_CONFIG} (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}, mismatched {sorted(mismatched)[:3]})"
+        )
+    got = layer_shapes(model)
+    if len(got) != len(shapes):
+        raise SearcherError(
+            f"{path}: {HF_CONFIG} builds {len(got)} layers, {CONFIG} records {len(shapes)}"
+        )
+    for i, (built, recorded) in enumerate(zip(got, shapes)):
+        if built != recorded:
+            differ = ", ".join(
+                f"{k} {built[k]} vs {recorded[k]}" for k in SHAPE_KEYS if built[k] != recorded[k]
+            )
+            raise SearcherError(
+                f"{path}: layer {i} as {HF_CONFIG} builds it differs from {CONFIG} ({differ})"
+            )
     return model.eval().requires_grad_(False)

@@ -20,6 +20,9 @@ from torch import nn
 
 from searcher.errors import SearcherError
 
+# torch alone (the module imports transformers only where it builds classes): no cycle
+from searcher.export.modeling_searcher_pruned import RemovedBlock
+
 KINDS = ("attn", "mlp")
 
 
@@ -87,37 +90,18 @@ class Shapes:
         return self.heads // self.kv_heads
 
 
-class Dropped(nn.Module):
-    """Stands in for a removed block: adds nothing to the residual stream. Its output is zeros,
-    ``features`` wide (the input's width when None). Attention modules return a tuple (output,
-    attention weights), and with a KV cache still record their tokens in it (one key and
-    value of size 1 per token), so the cache's length, which transformers reads from the first
-    layer, stays right whichever layers lost their attention. ``removed_as`` says, as plain
-    data, what stands in (exports record it)."""
+class Dropped(RemovedBlock):
+    """Stands in for a removed block: the exported modeling file's ``RemovedBlock`` (one source
+    for how a removed block computes, here and in a pruned model loaded without searcher),
+    made from a block's ``kind``. Its output is zeros, ``features`` wide (the input's width
+    when None); a removed attention returns (output, None) and, with a KV cache, records its
+    tokens at ``layer`` (its index in the cache). ``removed_as`` says, as plain data, what
+    stands in (exports record it)."""
 
     def __init__(self, kind: str, features: int | None = None, layer: int | None = None) -> None:
-        super().__init__()
+        attention = kind == "attn"
+        super().__init__(attention, features, layer if attention else None)
         self.kind = kind
-        self.features = features
-        self.layer = layer  # the attention's index in the KV cache
-
-    def removed_as(self) -> dict[str, Any]:
-        return {"attention": self.kind == "attn", "features": self.features}
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        width = hidden_states.shape[-1] if self.features is None else self.features
-        zeros = hidden_states.new_zeros(*hidden_states.shape[:-1], width)
-        if self.kind != "attn":
-            return zeros
-        if self.layer is not None:
-            for name in ("past_key_values", "past_key_value", "layer_past"):
-                cache = kwargs.get(name)
-                if cache is not None:
-                    cache = getattr(cache, "self_attention_cache", cache)
-                    kv = hidden_states.new_zeros(*hidden_states.shape[:2], 1)[:, None]
-                    cache.update(kv, kv, self.layer)
-                    break
-        return zeros, None
 
 
 def is_removed(module: nn.Module) -> bool:

@@ -125,7 +125,11 @@ def _write(
         on_phase("writing the recipe with the search's counts")
         info = recipes.export_llmcompressor(cfg, session, genes, out)
         return {"format": fmt, "out": str(out), **info}
-    pruned = session.space.materialize(genes)
+    if fmt == "torch-pruning":
+        on_phase("removing the channels with Torch-Pruning and checking the result")
+        check = export_torch_pruning(cfg, session, genes, out, model, trust_remote_code)
+        return {"format": fmt, "out": str(out), **check}
+    pruned = session.space.materialize(genes)  # pruned and onnx
     if fmt == "pruned":
         from searcher.export.pruned import save_pruned
 
@@ -135,10 +139,6 @@ def _write(
         on_phase("checking the saved model against the search")
         check = faithful(session, genes, load_pruned(out))
         return {"format": fmt, "out": str(out), **info, **check}
-    if fmt == "torch-pruning":
-        on_phase("removing the channels with Torch-Pruning and checking the result")
-        check = export_torch_pruning(cfg, session, genes, out, model, trust_remote_code)
-        return {"format": fmt, "out": str(out), **check}
     from searcher.export.onnx import export_onnx
 
     on_phase("building and checking the ONNX model")

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from searcher.errors import SearcherError
+from searcher.export.modeling_searcher_pruned import KEY  # what differs from the dense model
 from searcher.families import family_for
 from searcher.families.base import is_removed, resize_to, units_of
 from spaces.structure import Structure
@@ -40,7 +41,6 @@ CONFIG = "pruned_config.json"
 WEIGHTS = "model.safetensors"
 HF_CONFIG = "config.json"
 MODELING = "modeling_searcher_pruned.py"  # also this package's module of that name
-KEY = "searcher_pruned"  # config.json's key for what differs from the dense model
 MODE = 0o644
 
 

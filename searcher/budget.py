@@ -73,6 +73,33 @@ class Budget:
             limits[metric] = fraction if kept else 1.0 - fraction
         return cls(text=",".join(parts), limits=limits, absolute=absolute)
 
+    @staticmethod
+    def sweep(text: str) -> list[str]:
+        """A budget text per value of a swept key: ``flops=0.4,0.5,0.6`` (a bare value after
+        a term is another value of its key) gives ``flops=0.4``, ``flops=0.5``,
+        ``flops=0.6``; other terms stay in each. One text when nothing is swept."""
+        terms: list[list[str]] = []
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            if "=" in part or not terms:
+                terms.append([part])
+                continue
+            key = terms[-1][0].partition("=")[0]
+            terms[-1].append(f"{key}={part}")
+        swept = [t for t in terms if len(t) > 1]
+        if len(swept) > 1:
+            raise SearcherError(
+                f"--budget {text}: sweep one key at a time (several values are given for "
+                f"{' and '.join(t[0].partition('=')[0] for t in swept)})"
+            )
+        if not swept:
+            return [text]
+        values = swept[0]
+        if len(set(values)) < len(values):
+            raise SearcherError(f"--budget {text}: a swept value is given twice")
+        return [",".join(v if t is values else t[0] for t in terms) for v in values]
+
     @property
     def metrics(self) -> set[str]:
         """Every cost metric the budget limits, as a fraction or in absolute units."""

@@ -258,6 +258,7 @@ def _run(args: argparse.Namespace) -> None:
     from rich.table import Table
 
     from searcher.run import resume, run
+    from searcher.sweep import is_sweep, is_sweep_dir, resume_sweep, sweep
 
     given = {
         k: v for k, v in vars(args).items() if k not in ("command", "verbose", "config", "resume")
@@ -290,10 +291,17 @@ def _run(args: argparse.Namespace) -> None:
             bar.update(task, description=p.status, completed=min(p.spent, p.budget),
                        total=p.budget, trials=p.trials, best=best)  # fmt: skip
 
-        if "resume" in args:
+        if "resume" in args and is_sweep_dir(args.resume):
+            result = resume_sweep(args.resume, on_progress, on_phase, **given)
+        elif "resume" in args:
             result = resume(args.resume, on_progress, on_phase, **given)
+        elif is_sweep(spec.budget):
+            result = sweep(spec, on_progress=on_progress, on_phase=on_phase)
         else:
             result = run(spec, on_progress=on_progress, on_phase=on_phase)
+    if hasattr(result, "runs"):
+        _print_sweep(result)
+        return
     b = result.best
     table = Table(title="searcher run", show_header=False)
     table.add_row("budget", b["budget"])
@@ -316,6 +324,27 @@ def _run(args: argparse.Namespace) -> None:
     table.add_row("wall time", f"{result.seconds:.0f} s")
     table.add_row("results", str(result.out))
     Console().print(table)
+
+
+def _print_sweep(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"searcher run: {len(result.runs)} budgets")
+    for col in ("budget", "costs (fraction of dense)", "calibration KL", "validation KL",
+                "validation ppl", "evals", "results"):  # fmt: skip
+        table.add_column(col)
+    for r in result.runs:
+        b = r.best
+        fractions = ", ".join(f"{m} {f:.3f}" for m, f in b["fractions"].items())
+        table.add_row(
+            b["budget"], fractions, f"{b['calibration']['kl']:.4f}",
+            f"{b['validation']['kl']:.4f}", f"{b['validation']['ppl']:.2f}", f"{r.evals:.1f}",
+            str(r.out),
+        )  # fmt: skip
+    Console().print(table)
+    Console().print(f"front: {result.out / 'front.png'}; all budgets: {result.out / 'sweep.json'}"
+                    f" ({result.seconds:.0f} s)")  # fmt: skip
 
 
 def _eval(args: argparse.Namespace) -> None:

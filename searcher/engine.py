@@ -72,6 +72,9 @@ class Engine:
         self.on_progress = on_progress
         self.measure = measure
         self.trials: dict[Candidate, Trial] = {}
+        # single-unit profile candidates (dense but for one layer) are over any budget by
+        # design: they are scored for what they teach, never timed on the device
+        self.untimed = algorithm.shared()
         self.spent_windows = 0
         self.jobs = 0  # scoring jobs sent to the pool
         self.max_stalled = 20
@@ -100,7 +103,7 @@ class Engine:
         jobs, owners = [], []
         for candidate, windows in wanted.items():
             trial = self._trial(candidate)
-            if self.measure is not None and not trial.feasible:
+            if self._measured(candidate) and not trial.feasible:
                 continue  # measured over budget: not worth scoring
             if trial.windows < windows:
                 jobs.append(Job(candidate, trial.windows, windows))
@@ -124,15 +127,19 @@ class Engine:
         return [Result(r.candidate, r.windows, self._told(self.trials[r.candidate], r.windows))
                 for r in requests]  # fmt: skip
 
+    def _measured(self, candidate: Candidate) -> bool:
+        return self.measure is not None and candidate not in self.untimed
+
     def _told(self, trial: Trial, windows: int) -> float:
-        if self.measure is not None and not trial.feasible:
+        if self._measured(trial.candidate) and not trial.feasible:
             return math.inf
         return trial.fitness(windows)
 
     def _trial(self, candidate: Candidate) -> Trial:
         if candidate not in self.trials:
             costs = self.problem.cost(candidate)
-            if self.measure is not None:
+            if self._measured(candidate):
+                assert self.measure is not None
                 costs.update(self.measure(candidate))
             fractions = self.problem.fractions_of(costs)
             self.trials[candidate] = Trial(

@@ -27,6 +27,7 @@ class Problem:
     keep: tuple[tuple[float, ...], ...]  # fraction of each gene's unit kept at each level
     space_name: str = ""
     priors: Mapping[str, Any] = field(default_factory=dict)  # SearchSpace.priors()
+    layers: tuple[int, ...] = ()  # each gene's decoder layer (empty: not known)
 
     def __post_init__(self) -> None:
         for metric in sorted(self.budget.metrics):

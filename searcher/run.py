@@ -37,6 +37,7 @@ from searcher.pool import LocalPool, Outcome, Pool, ReplayPool
 from searcher.problem import Candidate, Problem
 from searcher.results import front, plot_front, trials_frame, write_json
 from searcher.rundir import RunDir, claimed
+from searcher.score_cache import ScoreCache, cache_key, cache_root
 from searcher.spec import RunSpec
 from searcher.store import (
     DEFAULT_FILE,
@@ -185,6 +186,7 @@ def problem_for(
         keep=tuple(g.keep for g in space.genes),
         space_name=space.name,
         priors=space.priors(),
+        layers=space.gene_layers(),
     )
 
 
@@ -242,9 +244,11 @@ def scoring_pool(spec: RunSpec, session: Session, evaluator: Evaluator) -> Itera
             pool.close()
 
 
-def _default_out(spec: RunSpec) -> Path:
+def default_out(spec: RunSpec) -> Path:
+    """results/SPACE-BUDGET-ALGO-TIME: where a run (or a sweep) writes without --out."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("results") / f"{spec.space}-{Budget.parse(spec.budget).slug()}-{spec.algo}-{stamp}"
+    budget = spec.budget.replace(" ", "").replace("=", "").replace(",", "-")
+    return Path("results") / f"{spec.space}-{budget}-{spec.algo}-{stamp}"
 
 
 def resume(
@@ -312,6 +316,11 @@ class Plan:
 def prepare(spec: RunSpec, resume: bool = False) -> Plan:
     """``spec`` resolved, and everything checked that can be before the model loads."""
     spec = spec.resolved()
+    if len(Budget.sweep(spec.budget)) > 1:
+        raise SearcherError(
+            f"--budget {spec.budget} names several budgets: run them with searcher.sweep.sweep "
+            "(the CLI does so by itself)"
+        )
     budget = Budget.parse(spec.budget)
     _check_algorithm(spec)
     stages = parse_stages(spec.stages)
@@ -324,7 +333,7 @@ def prepare(spec: RunSpec, resume: bool = False) -> Plan:
 
         check_address(spec.address)  # an unreachable cluster fails before the model loads
     torch.set_num_threads(spec.threads)
-    out = Path(spec.out) if spec.out else _default_out(spec)
+    out = Path(spec.out) if spec.out else default_out(spec)
     if spec.storage is not None and not resume:
         spec = _checked_storage(spec)
     return Plan(spec, budget, stages, objectives, latency_settings, RunDir(out))
@@ -335,7 +344,7 @@ def _check_algorithm(spec: RunSpec) -> None:
         raise SearcherError(f"unknown --algo {spec.algo!r}: choose one of {', '.join(ALGORITHMS)}")
     if spec.init not in SEEDS:
         raise SearcherError(f"unknown --init {spec.init!r}: choose one of {', '.join(SEEDS)}")
-    if spec.init != "uniform" and spec.algo != "evo":
+    if spec.init not in ("uniform", "profile") and spec.algo != "evo":
         raise SearcherError(f"--init {spec.init} sets where evo starts: use it with --algo evo")
     if spec.objectives != "kl" and not ALGORITHMS[spec.algo].multi_objective:
         multi = ", ".join(n for n, a in ALGORITHMS.items() if a.multi_objective)
@@ -384,6 +393,8 @@ def _load(
             f"({previous.get('model', {}).get('source')}), not {identity['source']}"
         )
     space = session.space
+    if previous:
+        _check_same_scoring(plan.dir.path, previous, session)
     latency.refuse_untimed(space, plan.budget.metrics)
     lat: latency.RunLatency | None = None
     if plan.latency_settings is not None:
@@ -403,6 +414,23 @@ def _load(
     return Loaded(spec, session, problem, evaluator, algorithm, lat)
 
 
+def _check_same_scoring(run_dir: Path, previous: dict[str, Any], session: Session) -> None:
+    """Refuse to resume when the text or the space's choices differ from the run's: its
+    logged scores (and what it gives the score cache) would mix two problems."""
+    text = previous.get("data", {}).get("sha256")
+    if text is not None and text != session.windows.spec["sha256"]:
+        raise SearcherError(
+            f"--resume {run_dir}: the calibration text {session.windows.spec['source']} has "
+            "changed since the run started, so its scores cannot be continued; start a new run"
+        )
+    fingerprint = previous.get("space", {}).get("fingerprint")
+    if fingerprint is not None and fingerprint != session.space.fingerprint():
+        raise SearcherError(
+            f"--resume {run_dir}: the {session.space.name} space built now removes other units "
+            "than the run's did; start a new run"
+        )
+
+
 def _open_latency(
     plan: Plan, session: Session, previous: dict[str, Any], on_phase: Callable[[str], None]
 ) -> latency.RunLatency:
@@ -419,6 +447,7 @@ class Searched:
     engine: Engine
     info: dict[str, Any]  # run.json as the search started
     replayed_windows: int  # scores read back from an interrupted run's store
+    cached_windows: int  # single-unit scores served by the score cache (other runs')
     retries: int  # evaluations repeated because a worker died
 
 
@@ -430,7 +459,7 @@ def _search(
     spec = loaded.spec
     storage = previous.get("storage") or {
         "url": redacted(spec.storage) if spec.storage else DEFAULT_FILE,  # in the run dir
-        "study": plan.dir.path.resolve().name,
+        "study": plan.dir.study_name,
     }
     info = _run_info(loaded, previous, storage)
     if previous and spec.storage is None:
@@ -448,38 +477,82 @@ def _search(
     logged = store.logged()
     full, objectives = plan.full, plan.objectives
     try:
-        engine, replayed, retries = _scored(loaded, logged, store, timings, on_progress, on_phase)
+        scored = _scored(loaded, logged, store, timings, on_progress, on_phase)
+        engine = scored.engine
         store.finish(
             engine.trials.values(), full,
             lambda t: [t.fitness(full), *(t.fractions[m] for m in objectives[1:])],
         )  # fmt: skip
     finally:
         store.close()
-    return Searched(engine, info, replayed, retries)
+    return Searched(engine, info, scored.replayed, scored.cached, scored.retries)
+
+
+@dataclass(frozen=True)
+class Scored:
+    engine: Engine
+    replayed: int  # windows replayed from the run's own log
+    cached: int  # windows served by the score cache
+    retries: int  # worker retries
+
+
+def score_cache(loaded: Loaded) -> ScoreCache | None:
+    """The score cache of the run's model, text and space (None: disabled)."""
+    root = cache_root()
+    if root is None:
+        return None
+    session, spec = loaded.session, loaded.spec
+    key = cache_key(
+        session.loaded.identity, session.windows.spec,
+        {"name": session.space.name, "options": session.space.options(),
+         "fingerprint": session.space.fingerprint()},
+        {"dtype": spec.dtype, "device": spec.device, "batch_size": spec.batch_size,
+         "importance_windows": session.key.importance},
+    )  # fmt: skip
+    return ScoreCache(root, key, loaded.problem.n_genes)
 
 
 def _scored(
     loaded: Loaded, logged: dict[Candidate, Outcome], store: TrialStore, timings: Timings,
     on_progress: Callable[[Progress], None] | None, on_phase: Callable[[str], None],
-) -> tuple[Engine, int, int]:  # fmt: skip
-    """Start the workers and search: the engine, the windows replayed from ``logged`` and
-    the worker retries."""
+) -> Scored:  # fmt: skip
+    """Start the workers and search. Single-unit profile scores come from the score cache
+    where other runs left them, and go into it as they are scored."""
     spec, lat = loaded.spec, loaded.lat
+    shared = loaded.algorithm.shared()
+    cache = score_cache(loaded) if shared else None
+    cached = {c: o for c, o in cache.load().items() if c in shared} if cache else {}
+
+    known = {c: len(o.kl) for c, o in cached.items()}  # windows the cache holds
+
+    def record(trial: Trial) -> None:
+        store.append(trial)
+        c = trial.candidate
+        if cache is not None and c in shared and trial.windows > known.get(c, 0):
+            cache.add(trial)
+            known[c] = trial.windows
+
     measure = lat.measure if lat is not None and spec.latency == "measured" else None
     with ExitStack() as stack:
         with timings.phase("workers_start"):
             many = spec.workers > 1 or spec.address
             on_phase("starting workers" if many else f"searching ({spec.algo})")
             scorer = stack.enter_context(scoring_pool(spec, loaded.session, loaded.evaluator))
-            pool = ReplayPool(scorer, logged)  # with nothing logged it just delegates
+            from_cache = ReplayPool(scorer, cached)  # with nothing given they just delegate
+            pool = ReplayPool(from_cache, logged)
             engine = Engine(
-                loaded.problem, loaded.algorithm, pool, spec.evals, store.append,
+                loaded.problem, loaded.algorithm, pool, spec.evals, record,
                 on_progress or (lambda p: None), measure,
             )  # fmt: skip
         with timings.phase("search"):  # without stopping the workers
             on_phase(f"searching ({spec.algo})")
             engine.run()
-        return engine, pool.replayed_windows, getattr(scorer, "retries", 0)
+        return Scored(
+            engine,
+            pool.replayed_windows,
+            from_cache.replayed_windows,
+            getattr(scorer, "retries", 0),
+        )
 
 
 def _run_info(loaded: Loaded, previous: dict[str, Any], storage: dict[str, Any]) -> dict[str, Any]:
@@ -496,6 +569,7 @@ def _run_info(loaded: Loaded, previous: dict[str, Any], storage: dict[str, Any])
         "hardware": {**hardware(spec.device, spec.threads), "workers": spec.workers},
         "model": session.loaded.identity,
         "data": config_header(session, spec)["data"],
+        "space": config_header(session, spec)["space"],
         "dense": {k: t.dense() for k, t in loaded.problem.costs.items()},
     }
     if loaded.lat is not None:
@@ -531,6 +605,7 @@ def _report(
         evals=round(engine.spent_windows / full, 3),
         jobs=engine.jobs,
         replayed_evals=round(searched.replayed_windows / full, 3),
+        cached_evals=round(searched.cached_windows / full, 3),
         worker_retries=searched.retries,
         full_windows=full,
     )

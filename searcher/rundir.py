@@ -22,6 +22,7 @@ LOCK = ".lock"
 RUN_JSON, BEST, PARETO, PLOT, TRIALS = (
     "run.json", "best.json", "pareto.json", "pareto.png", "trials.parquet"
 )  # fmt: skip
+SWEEP = "sweep.json"  # in a sweep's directory, above its budgets' run directories
 JOURNAL = "trials.journal"  # the trials' Optuna storage unless --storage names another
 # what a run writes into its directory (export refuses to write over these)
 RUN_FILES = (RUN_JSON, BEST, PARETO, PLOT, TRIALS, JOURNAL, "latency.jsonl", LOCK)
@@ -58,6 +59,15 @@ class RunDir:
     def journal_lock(self) -> Path:
         """Optuna's lock file of the run's own journal."""
         return self.path / f"{JOURNAL}.lock"
+
+    @property
+    def study_name(self) -> str:
+        """The run's Optuna study name: its directory's, with the sweep's in front for a
+        budget of a sweep (``flops0.5`` alone would collide in a shared --storage)."""
+        path = self.path.resolve()
+        if (path.parent / SWEEP).is_file():
+            return f"{path.parent.name}/{path.name}"
+        return path.name
 
     def read_info(self) -> dict[str, Any]:
         return json.loads(self.info.read_text(encoding="utf-8"))

@@ -83,9 +83,13 @@ class RunSpec:
         {}, "space setting, e.g. mlp_steps=8 (repeatable)", option="--space-option",
         metavar="KEY=VALUE",
     )  # fmt: skip
-    budget: str = setting("flops=0.5", "one or more of {budgets}, e.g. params=0.6,flops=0.5")
+    budget: str = setting(
+        "flops=0.5",
+        "one or more of {budgets}, e.g. params=0.6,flops=0.5; several values of one key "
+        "(flops=0.4,0.5,0.6) run one search per value",
+    )
     algo: str = setting("evo", "{searches}; baselines: {baselines}")
-    init: str = setting("uniform", "evo's starting allocation: {seeds}")
+    init: str = setting("profile", "evo's starting allocation: {seeds} (profile: sized to --evals)")
     objectives: str = setting(
         "kl", "kl, or kl,flops / kl,latency: a Pareto front ({multi_objective})"
     )

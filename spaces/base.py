@@ -72,6 +72,16 @@ class SearchSpace(ABC):
         level removes), so a rebuilt space can be checked against the one a config used."""
         return digest()
 
+    def gene_layers(self) -> tuple[int, ...]:
+        """Each gene's decoder layer (the layer whose module holds the gene's module); empty
+        when some gene is in none (then profiles go gene by gene)."""
+        prefixes = [(f"{layer.prefix}.", layer.index) for layer in self.structure.layers]
+        found = [
+            next((i for prefix, i in prefixes if gene.name.startswith(prefix)), None)
+            for gene in self.genes
+        ]
+        return () if None in found else tuple(i for i in found if i is not None)
+
     @property
     def n_levels(self) -> tuple[int, ...]:
         return tuple(len(g.values) for g in self.genes)

@@ -27,3 +27,10 @@ def windows() -> torch.Tensor:
     """Random token windows for the tiny models (vocab 320)."""
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 320, (4, 32), generator=g)
+
+
+@pytest.fixture(autouse=True)
+def no_score_cache(monkeypatch) -> None:
+    """Runs in tests share no profile scores through ~/.cache (tests of the cache set
+    SEARCHER_CACHE themselves): each test's evaluations are its own."""
+    monkeypatch.setenv("SEARCHER_CACHE", "off")

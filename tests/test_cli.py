@@ -45,7 +45,11 @@ def test_run_writes_every_output(tiny_run: Path) -> None:
     trials = pd.read_parquet(tiny_run / "trials.parquet")
     assert len(trials) == run["trials"] and len(trials) > 4
     assert {"genes", "flops", "params", "kl@1", "kl@2", "seconds"} <= set(trials.columns)
-    assert trials["flops_fraction"].max() <= 0.6 + 1e-9  # evo only proposes feasible candidates
+    # the profile lowers one layer at a time from dense (over budget, scored on one window);
+    # evo proposes only feasible candidates
+    profile = trials["origin"].str.contains("profiling")
+    assert profile.any() and (trials[profile]["windows"] == 1).all()
+    assert trials[~profile]["flops_fraction"].max() <= 0.6 + 1e-9
 
 
 def test_best_is_the_best_full_fidelity_trial_and_meets_budget(tiny_run: Path) -> None:
@@ -221,7 +225,7 @@ def test_run_help_lists_the_registries(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())  # unwrapped
     for names in (spaces.SPACES, ALGORITHMS, SEEDS, KEYS):
         assert all(name in text for name in names)
-    assert "evo (default)" in text and "uniform (default)" in text
+    assert "evo (default)" in text and "profile (default)" in text
     assert not re.search(r"\{[a-z_]+\}", text)  # every listed name filled in
     try:
         from searcher.families import FAMILIES

@@ -166,14 +166,17 @@ CASES: list[tuple[str, Callable[[Where], list[str]], str]] = [
         lambda w: ["run", "--config", str(w.text("c.yaml", "evals: .inf\n"))],
         "--evals must be a finite number",
     ),
-    # evaluations too few for evo's first generation: refused before the model loads (the
-    # model here would not load)
+    # evaluations too few for evo's first generation from the uniform allocation: refused
+    # before the model loads (the model here would not load); the default start (a profile
+    # sized to --evals, or the uniform allocation scored first) never is
     (
         "evals-too-few",
         lambda w: [
             "run",
             "--model",
             str(w.model_copy("m", truncated_safetensors)),
+            "--init",
+            "uniform",
             "--evals",
             "2",
             "--out",

@@ -33,7 +33,7 @@ def test_quick_mode_runs_end_to_end_and_resumes(tiny_dir: Path, tmp_path: Path, 
         ("sparsity-0.7", m) for m in quality.QUICK["methods"] if m != "flap"
     }
     assert set(zip(rows["setting"], rows["method"])) == want
-    search = rows[rows["method"].isin(["evo", "tpe", "pymoo-ga", "pymoo-nsga2-mo"])]
+    search = rows[rows["method"].isin(["default", "evo", "tpe", "pymoo-ga", "pymoo-nsga2-mo"])]
     assert (search["evals"] >= 6).all() and (search["evals"] <= 6 + 4).all()  # one batch over
     multi = rows["method"] == "pymoo-nsga2-mo"
     assert rows[multi]["hv"].between(0, 1).all() and rows[~multi]["hv"].isna().all()
@@ -41,8 +41,9 @@ def test_quick_mode_runs_end_to_end_and_resumes(tiny_dir: Path, tmp_path: Path, 
     for setting in ("width-flops0.5", "sparsity-0.7"):
         assert (tmp_path / f"curves-{setting}.png").stat().st_size > 0
     summary = (tmp_path / "summary.md").read_text()
-    assert "| width-flops0.5 | evo |" in summary and "Targets:" in summary
-    assert "evo reaches tpe's final calibration KL" in summary
+    assert "| width-flops0.5 | default |" in summary and "Targets (the default" in summary
+    assert "default reaches pymoo-ga's final calibration KL" in summary
+    assert "default lowest in" in summary
     # A second invocation reads every finished run back instead of running it again.
     first = json.loads((tmp_path / "runs/width-flops0.5/evo-s0/bench.json").read_text())
     capsys.readouterr()

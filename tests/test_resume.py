@@ -53,7 +53,7 @@ def test_resume_after_a_crash_repeats_nothing_and_matches(
 
     def crashing(self, jobs, on_outcome=None):
         calls["n"] += 1
-        if calls["n"] == 6:
+        if calls["n"] == 4:  # profile, its two starts, evo's first stage: then Ctrl-C
             raise KeyboardInterrupt  # as Ctrl-C would, mid-search
         calls["jobs"] += len(jobs)
         return real_run(self, jobs, on_outcome)
@@ -167,3 +167,29 @@ def test_resume_may_change_where_evaluations_run(uninterrupted: Path, tmp_path: 
 def test_the_run_directory_names_the_stores_journal(tmp_path: Path) -> None:
     assert JOURNAL == DEFAULT_FILE
     assert RunDir(tmp_path).journal_lock == tmp_path / f"{DEFAULT_FILE}.lock"
+
+
+def test_a_resume_over_a_changed_text_is_refused(
+    tiny_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Its logged scores (and what it would give the score cache) belong to the old text."""
+    text = tmp_path / "calibration.txt"
+    text.write_text("The first calibration text, long enough for a few windows. " * 300)
+    out = tmp_path / "run"
+    real_run = LocalPool.run
+    calls = {"n": 0}
+
+    def crashing(self, jobs, on_outcome=None):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_run(self, jobs, on_outcome)
+
+    monkeypatch.setattr(LocalPool, "run", crashing)
+    args = ["run", "--model", str(tiny_dir), "--data", str(text), "--evals", "10"]
+    assert main([*args, "--out", str(out), *ARGS]) == 130
+    text.write_text("Another text altogether, also long enough for its windows. " * 300)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has changed since the run started" in err and len(err.splitlines()) == 1

@@ -26,6 +26,7 @@ from typing import ClassVar
 import numpy as np
 
 from searcher.algorithms.base import Algorithm, Request, Result
+from searcher.algorithms.profile import Profile, plan
 from searcher.algorithms.stages import first_stage_windows
 from searcher.errors import SearcherError
 from searcher.problem import Candidate, Problem
@@ -137,6 +138,9 @@ class FLAP(OneShot):
 
 
 class Additive(OneShot):
+    """The full single-gene profile (EvoPress's additive baseline): ``levels_per_gene``
+    levels spread over each gene's whole range, then the knapsack."""
+
     name = "additive"
     reads = ("stages", "evals")
 
@@ -145,22 +149,16 @@ class Additive(OneShot):
         levels_per_gene: int = 6, bins: int = 4000,
     ) -> None:  # fmt: skip
         super().__init__(problem, seed, full_windows)
-        self.windows = windows
         self.bins = bins
-        dense = problem.dense()
-        self.scored: list[list[int]] = []  # per gene, the levels scored alone
-        for top in dense:
-            if top == 0:
-                self.scored.append([])
-                continue
-            picks = np.unique(np.round(np.linspace(0, top - 1, min(levels_per_gene, top))))
-            self.scored.append([int(x) for x in picks])
-        self.profile = [self.alone(g, lv) for g, levels in enumerate(self.scored) for lv in levels]
-        self.errors: dict[Candidate, float] = {}
-
-    def alone(self, gene: int, level: int) -> Candidate:
-        """Dense but for ``gene`` at ``level``."""
-        return tuple(level if j == gene else d for j, d in enumerate(self.problem.dense()))
+        singles = tuple((g,) for g in range(problem.n_genes))
+        bare = Profile(problem, singles, tuple(() for _ in singles), windows)
+        picks = []
+        for options in bare.options:  # levels spread over the range below dense
+            below = len(options) - 1
+            spread = np.linspace(0, below - 1, min(levels_per_gene, below))
+            picks.append(tuple(int(x) for x in np.unique(np.round(spread))))
+        self.profile = Profile(problem, singles, tuple(picks), windows)
+        self.scores: dict[Candidate, float] = {}
 
     @classmethod
     def configure(cls, problem, seed, full_windows, settings):
@@ -169,86 +167,106 @@ class Additive(OneShot):
         need = algo.evaluations()
         if settings.get("evals") is not None and settings["evals"] < need:
             raise SearcherError(
-                f"additive scores {len(algo.profile)} levels alone ({need:g} full-fidelity-"
-                f"equivalent evaluations with its final candidate): raise --evals to {need:g}"
+                f"additive scores {len(algo.profile.candidates())} levels alone ({need:g} "
+                f"full-fidelity-equivalent evaluations with its final candidate): raise --evals "
+                f"to {need:g}, or use the default --algo evo, which sizes its profile to --evals"
             )
         return algo
 
     def evaluations(self) -> float:
         """Full-fidelity-equivalent evaluations it spends: every profile, then the result."""
-        return len(self.profile) * self.windows / self.full_windows + 1
+        return self.profile.cost(self.full_windows) + 1
 
     def ask(self) -> list[Request]:
-        if not self.errors and self.profile:
-            return [Request(c, self.windows) for c in self.profile]
+        todo = self.profile.candidates()
+        if not self.scores and todo:
+            return [Request(c, self.profile.windows) for c in todo]
         return super().ask()
 
     def tell(self, results: list[Result]) -> None:
-        if not self.errors and self.profile:
-            self.errors = {r.candidate: r.kl for r in results}
+        if not self.scores and self.profile.candidates():
+            self.scores = {r.candidate: r.kl for r in results}
             return
         self.done = True
 
-    def error_table(self) -> list[np.ndarray]:
-        """Per gene and level, the KL with only that gene lowered; levels not scored are
-        interpolated linearly in their kept fraction, the dense level is 0."""
-        dense = self.problem.dense()
-        table = []
-        for g, levels in enumerate(self.scored):
-            keep = np.asarray(self.problem.keep[g], dtype=float)
-            xs = [keep[lv] for lv in levels] + [keep[dense[g]]]
-            ys = [self.errors[self.alone(g, lv)] for lv in levels] + [0.0]
-            order = np.argsort(xs)
-            table.append(np.interp(keep, np.asarray(xs)[order], np.asarray(ys)[order]))
-        return table
-
     def allocate(self) -> Candidate:
-        return knapsack(self.problem, self.error_table(), self.bins)
+        return self.profile.solve(self.scores, "linear", self.bins)
+
+    def shared(self) -> frozenset[Candidate]:
+        return frozenset(self.profile.candidates())
 
     def status(self) -> str:
-        return "scoring levels alone" if not self.errors else "solved"
+        return "scoring levels alone" if not self.scores else "solved"
 
 
-def knapsack(problem: Problem, errors: list[np.ndarray], bins: int) -> Candidate:
-    """Minimise the summed error under the first budgeted metric: a multiple-choice knapsack
-    solved by dynamic programming over ``bins`` capacity steps. Weights are rounded down, so
-    the table holds every truly feasible allocation; the answer is the best one, walking down
-    from full capacity, whose exact cost meets the limit. Other limits are left to repair."""
-    metric, limit = next(iter(problem.budget.limits.items()))
-    table = problem.costs[metric]
-    lows = np.array([t.min() for t in table.levels])
-    room = limit * table.dense() * (1 + 1e-9) - table.base - lows.sum()  # above the minimum
-    if room <= 0:
-        return tuple(int(np.argmin(t)) for t in table.levels)
-    step = room / bins
-    weights = [np.floor((t - t.min()) / step + 1e-9).astype(int) for t in table.levels]
-    best = np.zeros(bins + 1)  # best[c]: least error of the genes so far within weight c
-    choice = np.zeros((len(errors), bins + 1), dtype=np.int16)
-    for g, (err, w_g) in enumerate(zip(errors, weights, strict=True)):
-        new = np.full(bins + 1, np.inf)
-        for lv, (w, e) in enumerate(zip(w_g, err)):
-            if w > bins:
-                continue
-            cand = np.full(bins + 1, np.inf)
-            cand[w:] = best[: bins + 1 - w] + e
-            better = cand < new
-            new[better] = cand[better]
-            choice[g][better] = lv
-        best = new
-    for top in range(bins, -1, -1):
-        genes, c = [], top
-        for g in range(len(errors) - 1, -1, -1):
-            lv = int(choice[g][c])
-            genes.append(lv)
-            c -= int(weights[g][lv])
-        genes.reverse()
-        if table.cost(genes) <= limit * table.dense() * (1 + 1e-9):
-            return tuple(genes)
-    return tuple(int(np.argmin(t)) for t in table.levels)
+class ProfileSeed(OneShot):
+    """evo's default start: the solution of a single-unit profile sized to the run's
+    evaluations (``profile.plan``), or the uniform allocation when no profile fits.
+
+    The knapsack is solved twice, with the errors between scored levels on straight lines
+    and on a power law (``profile.curve``); both solutions are scored on all windows and
+    the better one starts evo. A profile too big for ``--evals`` scores fewer options per
+    layer, never refused; either way the start is scored on
+    all windows, so even a run too short for one generation of evo ends with a result."""
+
+    name = "profile"
+    SHAPES = ("power", "linear")
+
+    def __init__(
+        self, problem: Problem, seed: int, full_windows: int, profile: Profile | None
+    ) -> None:
+        super().__init__(problem, seed, full_windows)
+        self.profile = profile
+        self.scores: dict[Candidate, float] = {}
+        self.starts: list[Candidate] = []
+
+    @classmethod
+    def configure(cls, problem, seed, full_windows, settings):
+        windows = min(full_windows, first_stage_windows(settings.get("stages")))
+        evals = settings.get("evals")
+        found = plan(problem, full_windows, windows, evals if evals is not None else np.inf)
+        return cls(problem, seed, full_windows, found)
+
+    def shared(self) -> frozenset[Candidate]:
+        return frozenset(self.profile.candidates() if self.profile is not None else ())
+
+    def profiling(self) -> bool:
+        return self.profile is not None and not self.scores
+
+    def ask(self) -> list[Request]:
+        if self.done:
+            return []
+        if self.profiling():
+            assert self.profile is not None
+            return [Request(c, self.profile.windows) for c in self.profile.candidates()]
+        if not self.starts:
+            if self.profile is None:
+                found = [self.problem.uniform()]
+            else:
+                found = [self.profile.solve(self.scores, shape) for shape in self.SHAPES]
+            for c in found:
+                c = self.problem.to_budget(c, self.rng)
+                if c not in self.starts:
+                    self.starts.append(c)
+        return [Request(c, self.full_windows) for c in self.starts]
+
+    def tell(self, results: list[Result]) -> None:
+        if self.profiling():
+            self.scores = {r.candidate: r.kl for r in results}
+            return
+        self.chosen = min(results, key=lambda r: r.kl).candidate  # ties: the first
+        self.done = True
+
+    def status(self) -> str:
+        if self.profiling():
+            assert self.profile is not None
+            return f"profiling {len(self.profile.candidates())} single-unit candidates"
+        return "scoring the start" if not self.done else ""
 
 
 # --init choices for evo: the allocation its search starts from (None: uniform, built in)
 SEEDS: dict[str, type[OneShot] | None] = {
+    "profile": ProfileSeed,
     "uniform": None,
     "owl": OWL,
     "flap": FLAP,

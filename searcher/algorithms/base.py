@@ -69,3 +69,8 @@ class Algorithm(ABC):
     def status(self) -> str:
         """A few words on where the algorithm is, for progress displays."""
         return ""
+
+    def shared(self) -> frozenset[Candidate]:
+        """Candidates whose scores other runs may reuse: single-unit profiles, which score
+        the same whatever the budget (see ``searcher.score_cache``)."""
+        return frozenset()

@@ -53,7 +53,7 @@ class Evolution(Algorithm):
     @classmethod
     def configure(cls, problem, seed, full_windows, settings):
         stages = parse_stages(settings["stages"])
-        name = settings.get("init") or "uniform"
+        name = settings.get("init") or "profile"
         if name not in SEEDS:
             raise SearcherError(f"unknown --init {name!r}: choose one of {', '.join(SEEDS)}")
         init = None
@@ -65,8 +65,8 @@ class Evolution(Algorithm):
     def check_settings(cls, settings):
         """The first generation must reach its last stage within --evals: until then no
         candidate is scored on all windows, and the run would end with nothing to show."""
-        if (settings.get("init") or "uniform") != "uniform":
-            return  # the seed allocation is scored on all windows first
+        if (settings.get("init") or "profile") != "uniform":
+            return  # the seed allocation (uniform, for a short run) is scored on all windows first
         stages = parse_stages(settings["stages"])
         count, before, spent = settings["offspring"] + 1, 0, 0  # the parent is new too
         for windows, survivors in stages[:-1]:
@@ -135,6 +135,9 @@ class Evolution(Algorithm):
             self._pool = [self.parent]
             self._stage = 0
             self.generation += 1
+
+    def shared(self) -> frozenset[Candidate]:
+        return self.init.shared() if self.init is not None else frozenset()
 
     def status(self) -> str:
         if self.init is not None:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from searcher.algorithms import ALGORITHMS
-from searcher.algorithms.allocations import FLAP, OWL, Additive, knapsack
+from searcher.algorithms.allocations import FLAP, OWL, Additive
 from searcher.algorithms.evolution import Evolution
+from searcher.algorithms.profile import knapsack
 from searcher.algorithms.pymoo_search import PymooGA, PymooNSGA2
 from searcher.engine import Engine
 from searcher.errors import SearcherError
@@ -84,7 +85,9 @@ def test_additive_misses_the_optimum_when_errors_interact() -> None:
 def test_knapsack_is_exact_on_integer_costs() -> None:
     p = problem("flops=0.6")
     errors = [np.array([m * (n - 1 - lv) for lv in range(n)]) for m, n in zip(MATTERS, N_LEVELS)]
-    genes = knapsack(p, errors, bins=20000)
+    table = p.costs["flops"]
+    room = 0.6 * table.dense() - table.base
+    genes = tuple(knapsack(list(table.levels), errors, room, bins=20000))
     assert p.feasible(genes)
     assert additive_kl(genes) == pytest.approx(brute_force(p))
 
@@ -92,7 +95,7 @@ def test_knapsack_is_exact_on_integer_costs() -> None:
 def test_additive_asks_for_enough_evals_up_front() -> None:
     p = problem()
     settings = {"stages": "1:2,2:1", "evals": 3}
-    with pytest.raises(SearcherError, match="raise --evals to"):
+    with pytest.raises(SearcherError, match="raise --evals to .* or use the default --algo evo"):
         Additive.configure(p, 0, 2, settings)
 
 

@@ -33,15 +33,18 @@ from searcher.problem import Candidate
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-ENV = "SEARCHER_CACHE"  # the cache directory; "off" disables it
+ENV = "SEARCHER_SCORE_CACHE"  # the scores' directory; "off" disables the cache
 
 
 def cache_root() -> Path | None:
-    """``$SEARCHER_CACHE``, else ~/.cache/searcher (None when set to "off")."""
+    """``$SEARCHER_SCORE_CACHE``, else ``scores/`` in searcher's cache (beside the converted
+    embedded model: ``$SEARCHER_CACHE`` or ~/.cache/searcher); None when set to "off"."""
+    from searcher.models import cache_root as searcher_cache
+
     value = os.environ.get(ENV)
     if value is not None and value.strip().lower() in ("off", "none", "0", ""):
         return None
-    return Path(value).expanduser() if value else Path.home() / ".cache" / "searcher"
+    return Path(value).expanduser() if value else searcher_cache() / "scores"
 
 
 def cache_key(
@@ -68,7 +71,7 @@ class ScoreCache:
     """One key's scores: ``load`` them, ``add`` new ones as they are scored."""
 
     def __init__(self, root: Path, key: str, n_genes: int) -> None:
-        self.path = root / "scores" / f"{key}.jsonl"
+        self.path = root / f"{key}.jsonl"
         self.n_genes = n_genes
         self.added = 0
         self.failed = False

@@ -32,5 +32,5 @@ def windows() -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def no_score_cache(monkeypatch) -> None:
     """Runs in tests share no profile scores through ~/.cache (tests of the cache set
-    SEARCHER_CACHE themselves): each test's evaluations are its own."""
-    monkeypatch.setenv("SEARCHER_CACHE", "off")
+    SEARCHER_SCORE_CACHE themselves): each test's evaluations are its own."""
+    monkeypatch.setenv("SEARCHER_SCORE_CACHE", "off")

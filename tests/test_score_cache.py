@@ -30,7 +30,7 @@ def scored(run_dir: Path) -> list:
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch) -> Path:
     root = tmp_path / "cache"
-    monkeypatch.setenv("SEARCHER_CACHE", str(root))
+    monkeypatch.setenv("SEARCHER_SCORE_CACHE", str(root))
     return root
 
 
@@ -39,7 +39,7 @@ def test_a_second_budget_reuses_the_profile_and_ends_where_an_uncached_run_does(
 ) -> None:
     first = search(tmp_path / "a", tiny_dir, "--budget", "flops=0.6")
     assert first["cached_evals"] == 0
-    files = list((cache / "scores").glob("*.jsonl"))
+    files = list(cache.glob("*.jsonl"))
     assert len(files) == 1 and files[0].read_text().count("\n") > 0
 
     jobs: list = []
@@ -55,7 +55,7 @@ def test_a_second_budget_reuses_the_profile_and_ends_where_an_uncached_run_does(
     assert second["evals"] == pytest.approx(first["evals"], abs=2)  # it still counts them
     cached_jobs = sum(j.stop - j.start for j in jobs)
 
-    monkeypatch.setenv("SEARCHER_CACHE", "off")
+    monkeypatch.setenv("SEARCHER_SCORE_CACHE", "off")
     jobs.clear()
     uncached = search(tmp_path / "c", tiny_dir, "--budget", "flops=0.5")
     assert uncached["cached_evals"] == 0
@@ -84,7 +84,7 @@ def test_a_changed_model_text_or_space_is_never_served_stale_scores(
         extra = ["--seq-len", "24"]
     again = search(tmp_path / "b", model, *extra)
     assert again["cached_evals"] == 0
-    assert len(list((cache / "scores").glob("*.jsonl"))) == 2
+    assert len(list(cache.glob("*.jsonl"))) == 2
 
 
 def test_cache_key_follows_each_input() -> None:
@@ -107,7 +107,7 @@ def test_cache_key_follows_each_input() -> None:
 
 def test_torn_and_foreign_lines_are_skipped(tmp_path: Path) -> None:
     cache = ScoreCache(tmp_path, "k", n_genes=2)
-    cache.path.parent.mkdir(parents=True)
+    cache.path.parent.mkdir(parents=True, exist_ok=True)
     good = {"candidate": [1, 0], "kl": [0.5, 0.25], "nll": [2.0, 2.0], "seconds": 0.1}
     short = {**good, "kl": [0.5], "nll": [2.0]}
     cache.path.write_text(

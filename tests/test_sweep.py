@@ -24,7 +24,7 @@ def sweep(out: Path, model: Path, *extra: str) -> int:
 @pytest.fixture
 def cache(tmp_path: Path, monkeypatch) -> Path:
     root = tmp_path / "cache"
-    monkeypatch.setenv("SEARCHER_CACHE", str(root))
+    monkeypatch.setenv("SEARCHER_SCORE_CACHE", str(root))
     return root
 
 

@@ -200,23 +200,23 @@ class Additive(OneShot):
 
 
 class ProfileSeed(OneShot):
-    """evo's default start: the solution of a single-unit profile sized to the run's
-    evaluations (``profile.plan``), or the uniform allocation when no profile fits.
+    """evo's default start: the best solution of the single-unit profiles sized to the
+    run's evaluations (``profile.plan``), or the uniform allocation when none fits.
 
-    The knapsack is solved twice, with the errors between scored levels on straight lines
-    and on a power law (``profile.curve``); both solutions are scored on all windows and
-    the better one starts evo. A profile too big for ``--evals`` scores fewer options per
-    layer, never refused; either way the start is scored on
-    all windows, so even a run too short for one generation of evo ends with a result."""
+    Each profile's knapsack is solved twice, with the errors between scored levels on
+    straight lines and on a power law (``profile.curve``); every solution is scored on all
+    windows and the best one starts evo. Profiles too big for ``--evals`` score fewer
+    options, never refused; either way the start is scored on all windows, so even a run
+    too short for one generation of evo ends with a result."""
 
     name = "profile"
     SHAPES = ("power", "linear")
 
     def __init__(
-        self, problem: Problem, seed: int, full_windows: int, profile: Profile | None
+        self, problem: Problem, seed: int, full_windows: int, profiles: list[Profile]
     ) -> None:
         super().__init__(problem, seed, full_windows)
-        self.profile = profile
+        self.profiles = profiles
         self.scores: dict[Candidate, float] = {}
         self.starts: list[Candidate] = []
 
@@ -227,24 +227,25 @@ class ProfileSeed(OneShot):
         found = plan(problem, full_windows, windows, evals if evals is not None else np.inf)
         return cls(problem, seed, full_windows, found)
 
+    def candidates(self) -> list[Candidate]:
+        """Every profile's candidates, once each, in order."""
+        return list(dict.fromkeys(c for p in self.profiles for c in p.candidates()))
+
     def shared(self) -> frozenset[Candidate]:
-        return frozenset(self.profile.candidates() if self.profile is not None else ())
+        return frozenset(self.candidates())
 
     def profiling(self) -> bool:
-        return self.profile is not None and not self.scores
+        return bool(self.profiles) and not self.scores
 
     def ask(self) -> list[Request]:
         if self.done:
             return []
         if self.profiling():
-            assert self.profile is not None
-            return [Request(c, self.profile.windows) for c in self.profile.candidates()]
+            windows = self.profiles[0].windows
+            return [Request(c, windows) for c in self.candidates()]
         if not self.starts:
-            if self.profile is None:
-                found = [self.problem.uniform()]
-            else:
-                found = [self.profile.solve(self.scores, shape) for shape in self.SHAPES]
-            for c in found:
+            found = [p.solve(self.scores, shape) for p in self.profiles for shape in self.SHAPES]
+            for c in found or [self.problem.uniform()]:
                 c = self.problem.to_budget(c, self.rng)
                 if c not in self.starts:
                     self.starts.append(c)
@@ -259,8 +260,7 @@ class ProfileSeed(OneShot):
 
     def status(self) -> str:
         if self.profiling():
-            assert self.profile is not None
-            return f"profiling {len(self.profile.candidates())} single-unit candidates"
+            return f"profiling {len(self.candidates())} single-unit candidates"
         return "scoring the start" if not self.done else ""
 
 

@@ -232,22 +232,34 @@ def sized(
 
 def plan(
     problem: Problem, full_windows: int, windows: int, evals: float, share: float = SHARE
-) -> Profile | None:
-    """The finest per-layer profile (as many options per layer as fit, up to ``LEVELS``)
-    costing at most ``share`` of ``evals``; None when not even one option per layer fits.
-    Its two solutions' full evaluations come on top.
+) -> list[Profile]:
+    """The profiles of the default start, costing at most ``share`` of ``evals`` with the
+    full evaluations of their solutions (two each) kept out of it: the finest per-layer
+    profile that fits (as many options per layer as fit, up to ``LEVELS``) and, where
+    there is room for both, a per-gene profile of one option each. Empty when not even one
+    option per layer fits.
 
-    Per layer rather than per gene: on SmolLM2 a layer's genes lowered together scored as
-    well or better, for a fraction of the evaluations (KL of the knapsack's solution, one
-    option per group: width flops 0.5 2.20 per layer against 2.51 per gene, 7.5 against 15
-    evaluations; depth 1.08 against 1.40; sparsity 70% with three options 2.04 against
-    2.08, 22.5 against 158 evaluations). Within a layer, evo refines from there."""
-    groups = layer_groups(problem)
-    allowed = min(share * evals, evals - 2)
+    Neither kind wins everywhere on SmolLM2 (KL of the knapsack's solution): per layer did
+    better at width flops 0.5 (2.20 against 2.51 per gene, for half the evaluations), at
+    depth (1.08 against 1.40) and at sparsity 70% (three options 2.04 against 2.08, 22.5
+    against 158 evaluations); per gene at width flops 0.7 (0.78 against 1.10). So both
+    are solved where they fit, and evo starts from the better solution."""
+    room = min(share * evals, evals - 2)
+    layers = layer_groups(problem)
+    chosen: list[Profile] = []
+    if len(layers) < problem.n_genes:
+        genes = sized(problem, tuple((g,) for g in range(problem.n_genes)), 1, windows)
+        coarsest = sized(problem, layers, 1, windows)
+        if (
+            genes.candidates()
+            and genes.cost(full_windows) + 2 + coarsest.cost(full_windows) <= room
+        ):
+            chosen.append(genes)
+            room -= genes.cost(full_windows) + 2
     for count in LEVELS:
-        profile = sized(problem, groups, count, windows)
+        profile = sized(problem, layers, count, windows)
         if not profile.candidates():
-            return None  # nothing below dense anywhere
-        if profile.cost(full_windows) <= allowed:
-            return profile
-    return None
+            return []  # nothing below dense anywhere
+        if profile.cost(full_windows) <= room:
+            return [profile, *chosen]
+    return chosen

@@ -269,11 +269,15 @@ def resume(
             f"--resume {run_dir}: no readable run.json there; pass a run directory that "
             "`searcher run` made"
         ) from None
+    return run(placed(values, run_dir, placement), on_progress, on_phase, resume=True)
+
+
+def placed(values: dict[str, Any], run_dir: str, placement: dict[str, Any]) -> RunSpec:
+    """A saved run's (or sweep's) spec, in ``run_dir``, with ``placement`` changed."""
     changes = dict(placement)
     if "workers" in placement and "threads" not in placement:
         changes["threads"] = None  # re-derive threads per worker from the new worker count
-    spec = replace(RunSpec.from_dict(values), out=str(Path(run_dir)), **changes)
-    return run(spec, on_progress, on_phase, resume=True)
+    return replace(RunSpec.from_dict(values), out=str(Path(run_dir)), **changes)
 
 
 def run(
@@ -503,9 +507,7 @@ def score_cache(loaded: Loaded) -> ScoreCache | None:
         return None
     session, spec = loaded.session, loaded.spec
     key = cache_key(
-        session.loaded.identity, session.windows.spec,
-        {"name": session.space.name, "options": session.space.options(),
-         "fingerprint": session.space.fingerprint()},
+        session.loaded.identity, session.windows.spec, config_header(session, spec)["space"],
         {"dtype": spec.dtype, "device": spec.device, "batch_size": spec.batch_size,
          "importance_windows": session.key.importance},
     )  # fmt: skip
@@ -559,6 +561,7 @@ def _run_info(loaded: Loaded, previous: dict[str, Any], storage: dict[str, Any])
     """run.json as a run (or a resume) starts."""
     spec, session = loaded.spec, loaded.session
     now = dt.datetime.now().isoformat(timespec="seconds")
+    header = config_header(session, spec)
     info: dict[str, Any] = {
         "spec": {**spec.to_dict(), "storage": redacted(spec.storage) if spec.storage else None},
         "storage": storage,
@@ -568,8 +571,7 @@ def _run_info(loaded: Loaded, previous: dict[str, Any], storage: dict[str, Any])
         "versions": versions(),
         "hardware": {**hardware(spec.device, spec.threads), "workers": spec.workers},
         "model": session.loaded.identity,
-        "data": config_header(session, spec)["data"],
-        "space": config_header(session, spec)["space"],
+        **{k: header[k] for k in ("data", "space")},
         "dense": {k: t.dense() for k, t in loaded.problem.costs.items()},
     }
     if loaded.lat is not None:

@@ -94,11 +94,9 @@ def resume_sweep(
     **placement: Any,
 ) -> SweepResult:
     """Continue an interrupted sweep; ``placement`` as for ``searcher.run.resume``."""
-    values = _read(Path(sweep_dir))["spec"]
-    changes = dict(placement)
-    if "workers" in placement and "threads" not in placement:
-        changes["threads"] = None
-    spec = replace(RunSpec.from_dict(values), out=str(Path(sweep_dir)), **changes)
+    from searcher.run import placed
+
+    spec = placed(_read(Path(sweep_dir))["spec"], sweep_dir, placement)
     return sweep(spec, on_progress, on_phase, resume=True)
 
 

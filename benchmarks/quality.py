@@ -46,6 +46,9 @@ SETTINGS: dict[str, tuple[str, str, str]] = {
     "sparsity-0.5": ("sparsity", "sparsity=0.5", "params"),
     "sparsity-0.6": ("sparsity", "sparsity=0.6", "params"),
     "sparsity-0.7": ("sparsity", "sparsity=0.7", "params"),
+    # width and depth in one genome, against each alone, at the same FLOPs
+    "joint-flops0.5": ("joint", "flops=0.5", "flops"),
+    "depth-flops0.5": ("depth", "flops=0.5", "flops"),
 }
 
 
@@ -53,7 +56,7 @@ SETTINGS: dict[str, tuple[str, str, str]] = {
 class Method:
     algo: str
     search: bool  # runs for the evaluation budget (else a one-shot baseline)
-    spaces: tuple[str, ...] = ("width", "depth", "sparsity")
+    spaces: tuple[str, ...] = ("width", "depth", "sparsity", "joint")
     multi_objective: bool = False
     init: str = "uniform"  # evo's first parent: a baseline's allocation
     space_options: tuple[tuple[str, Any], ...] = ()  # e.g. a finer sparsity grid
@@ -73,7 +76,7 @@ METHODS: dict[str, Method] = {
     "flap": Method(
         "flap",
         False,
-        ("width",),
+        ("width", "joint"),
         follows="An et al. 2024: activation-aware unit scores standardised per "
         "layer and kind, one global threshold (no bias compensation)",
     ),
@@ -108,7 +111,7 @@ def seeded_by(name: str) -> str | None:
 # setting).
 TARGETS = ("width-flops0.5", "sparsity-0.7")
 FULL = {  # the settings the targets are judged on first
-    "settings": [*TARGETS, "width-flops0.7", "depth-blocks0.75", "sparsity-0.5", "sparsity-0.6"],
+    "settings": [*TARGETS, *(s for s in SETTINGS if s not in TARGETS)],
     "methods": [m for m in METHODS if seeded_by(m) is None],
     "seeds": {s: 3 for s in SETTINGS},
     "skip": {(s, "gp") for s in SETTINGS if s != "width-flops0.5"},

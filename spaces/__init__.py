@@ -15,6 +15,7 @@ import torch
 from searcher.errors import SearcherError
 from spaces.base import Gene, SearchSpace
 from spaces.depth import DepthSpace
+from spaces.joint import JointSpace
 from spaces.sparsity import SparsitySpace
 from spaces.structure import Structure
 from spaces.width import WidthSpace
@@ -23,6 +24,7 @@ SPACES: dict[str, type[SearchSpace]] = {
     "width": WidthSpace,
     "depth": DepthSpace,
     "sparsity": SparsitySpace,
+    "joint": JointSpace,
 }
 
 

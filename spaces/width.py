@@ -72,9 +72,14 @@ class WidthSpace(SearchSpace):
                     tuple(k / s.intermediate for k in self.mlp_sizes),
                 )
             )
-        self.genes = tuple(genes)
+        self.widths = tuple(genes)  # the width levels, whatever genes a subclass searches
+        self.genes = self.searched(self.widths)
         self._rank(windows, batch_size)
-        self._applied: list[int | None] = list(self.dense())
+        self._applied: list[int | None] = [len(g.values) - 1 for g in self.widths]
+
+    def searched(self, widths: tuple[Gene, ...]) -> tuple[Gene, ...]:
+        """The genes the search sees, given each block's width levels: those levels here."""
+        return widths
 
     def _rank(self, windows: torch.Tensor, batch_size: int) -> None:
         """Score neurons and KV groups on calibration tokens; permute so the best come first."""
@@ -110,22 +115,26 @@ class WidthSpace(SearchSpace):
             self._scores.append((scores[0], scores[1]))
 
     def apply(self, candidate: Sequence[int]) -> None:
-        s = self.structure
         for gi, level in enumerate(candidate):
-            if self._applied[gi] == level:
-                continue
-            layer, full = s.layers[gi // 2], self._full[gi // 2]
-            block = layer.attn if gi % 2 == 0 else layer.mlp
-            units = self.group_counts[level] if gi % 2 == 0 else self.mlp_sizes[level]
-            for slab in block.slabs:
-                w = full[slab.tensor]
-                if slab.is_prefix():  # a view: no copy
-                    layer.set(slab.tensor, w.narrow(slab.axis, 0, slab.size(units)))
-                else:  # fused segments: gather each segment's first units
-                    keep = slab.indices(range(units), w.device)
-                    layer.set(slab.tensor, w.index_select(slab.axis, keep))
-            s.family.resized(layer.module, block, units, s.shapes)
-            self._applied[gi] = level
+            self.resize(gi, level)
+
+    def resize(self, gi: int, level: int) -> None:
+        """Point gene ``gi``'s block at the first units its width ``level`` keeps."""
+        if self._applied[gi] == level:
+            return
+        s = self.structure
+        layer, full = s.layers[gi // 2], self._full[gi // 2]
+        block = layer.attn if gi % 2 == 0 else layer.mlp
+        units = self.group_counts[level] if gi % 2 == 0 else self.mlp_sizes[level]
+        for slab in block.slabs:
+            w = full[slab.tensor]
+            if slab.is_prefix():  # a view: no copy
+                layer.set(slab.tensor, w.narrow(slab.axis, 0, slab.size(units)))
+            else:  # fused segments: gather each segment's first units
+                keep = slab.indices(range(units), w.device)
+                layer.set(slab.tensor, w.index_select(slab.axis, keep))
+        s.family.resized(layer.module, block, units, s.shapes)
+        self._applied[gi] = level
 
     def cost_tables(self) -> dict[str, CostTable]:
         levels = {"attn": self.group_counts, "mlp": self.mlp_sizes}
@@ -138,26 +147,25 @@ class WidthSpace(SearchSpace):
         return [], [attn if g.kind == "attn" else mlp for g in self.genes]
 
     def describe(self, candidate: Sequence[int]) -> dict[str, dict[str, Any]]:
-        s = self.structure
-        out: dict[str, dict[str, Any]] = {}
-        for gi, level in enumerate(candidate):
-            gene, i = self.genes[gi], gi // 2
-            if gene.kind == "attn":
-                groups = self.group_counts[level]
-                out[gene.name] = {
-                    "num_heads": groups * s.group_size,
-                    "num_key_value_heads": groups,
-                    "keep": gene.keep[level],
-                    "kept_kv_groups": sorted(self.group_order[i][:groups]),
-                }
-            else:
-                k = self.mlp_sizes[level]
-                out[gene.name] = {
-                    "intermediate_size": k,
-                    "keep": gene.keep[level],
-                    "kept_neurons": sorted(self.neuron_order[i][:k]),
-                }
-        return out
+        return {self.genes[gi].name: self.detail(gi, level) for gi, level in enumerate(candidate)}
+
+    def detail(self, gi: int, level: int) -> dict[str, Any]:
+        """What gene ``gi`` keeps at width ``level``: its shape and which units."""
+        gene, i = self.widths[gi], gi // 2
+        if gene.kind == "attn":
+            groups = self.group_counts[level]
+            return {
+                "num_heads": groups * self.structure.group_size,
+                "num_key_value_heads": groups,
+                "keep": gene.keep[level],
+                "kept_kv_groups": sorted(self.group_order[i][:groups]),
+            }
+        k = self.mlp_sizes[level]
+        return {
+            "intermediate_size": k,
+            "keep": gene.keep[level],
+            "kept_neurons": sorted(self.neuron_order[i][:k]),
+        }
 
     def priors(self) -> dict[str, Any]:
         """``unit_scores``: per gene, the activation-aware score of each unit (KV group or

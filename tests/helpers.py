@@ -66,6 +66,12 @@ def save_tiny(path: Path, kind: str = "llama", seed: int = 0, **overrides) -> Pa
     return path
 
 
+def random_windows(model: torch.nn.Module, n: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """``n`` windows of ``seq`` random token ids in the model's vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (n, seq), generator=g)
+
+
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         return model(input_ids=ids, use_cache=False).logits.float()

@@ -42,7 +42,7 @@ from searcher.export.pruned import (
 from tests.helpers import logits
 from tests.test_families import CONFIGS, OPTIONS, SEQ, _mid, _windows, build
 
-SPACES = ("depth", "sparsity", "width")
+SPACES = ("depth", "joint", "sparsity", "width")
 CASES = [(t, s) for t in sorted(CONFIGS) for s in SPACES]
 PROMPT, NEW = 5, 8  # prompt tokens, greedily generated tokens
 
@@ -90,7 +90,8 @@ json.dump(out, open(sys.argv[2], "w"))
 
 def _candidate(space: spaces.SearchSpace) -> tuple[int, ...]:
     """depth: layer 0's attention and layer 1's MLP removed; width: layer i at level i (layer
-    0 the most pruned), so layers differ; sparsity: a random mix (shapes stay dense)."""
+    0 the most pruned), so layers differ; joint: the same levels, so layer 0's blocks are
+    removed and the others narrowed; sparsity: a random mix (shapes stay dense)."""
     if space.name == "sparsity":
         return _mid(space)
     genes = list(space.dense())

@@ -132,8 +132,10 @@ CONFIGS: dict[str, Callable[[], object]] = {
 }
 # one model type per family module: the whole command-line search and export
 SEARCHED = {"llama", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "opt", "falcon"}
-OPTIONS = {"width": {"mlp_steps": 4}, "depth": {}, "sparsity": {"step": 0.25, "max_sparsity": 0.75}}
-BUDGETS = {"width": "flops=0.7", "depth": "flops=0.7", "sparsity": "sparsity=0.4"}
+OPTIONS = {"width": {"mlp_steps": 4}, "depth": {}, "sparsity": {"step": 0.25, "max_sparsity": 0.75},
+           "joint": {"mlp_steps": 4}}  # fmt: skip
+BUDGETS = {"width": "flops=0.7", "depth": "flops=0.7", "sparsity": "sparsity=0.4",
+           "joint": "flops=0.5"}  # fmt: skip
 
 
 def build(model_type: str, seed: int = 0) -> torch.nn.Module:
@@ -270,6 +272,15 @@ def test_search_and_export(searched_type: str, space_name: str, tmp_path: Path, 
 PROMPTS = [[5, 17, 42, 7, 99], [3, 250, 64]]
 STEPS = 16
 DEPTH = (0, 1, 1, 0, 1, 1)  # layer 0 without attention, layer 1 without MLP
+# joint: layer 0 without attention and its MLP at a quarter, layer 1 with one KV group and
+# without MLP, layer 2 with every KV group and three quarters of its MLP
+JOINT = (0, 1, 1, 0, 99, 3)
+
+
+def _removing(space: spaces.SearchSpace) -> tuple[int, ...]:
+    """A candidate that removes layer 0's attention (depth: DEPTH; joint: JOINT)."""
+    chosen = DEPTH if space.name == "depth" else JOINT
+    return tuple(min(level, n - 1) for level, n in zip(chosen, space.n_levels, strict=True))
 
 
 @pytest.mark.parametrize("space_name", sorted(OPTIONS))
@@ -290,7 +301,8 @@ def test_onnx_model_generates_torchs_tokens(model_type: str, space_name: str, tm
     space = spaces.build(
         space_name, spaces.Structure.of(model), SEQ, windows, options=OPTIONS[space_name]
     )
-    pruned = space.materialize(DEPTH if space_name == "depth" else _mid(space))
+    removing = space_name in ("depth", "joint")
+    pruned = space.materialize(_removing(space) if removing else _mid(space))
     session = SimpleNamespace(space=space, windows=SimpleNamespace(validation=windows[:1]))
     res = export_onnx(pruned, session, tmp_path / "onnx")
     assert res["files"] == ["model.onnx"] and res["decode_steps"] == SEQ // 2
@@ -300,7 +312,7 @@ def test_onnx_model_generates_torchs_tokens(model_type: str, space_name: str, tm
     assert len(tables) == (1 if tied else 2)  # a tied embedding and head stored once
     sess = ort_session(path)
     names = {i.name for i in sess.get_inputs()}
-    assert ("past_key_values.0.key" in names) == (space_name != "depth")  # no attention: no cache
+    assert ("past_key_values.0.key" in names) == (not removing)  # no attention: no cache
     alone = [greedy(sess, [p], STEPS)[0] for p in PROMPTS]
     assert alone[0] == torch_greedy(pruned, PROMPTS[0], STEPS)
     assert greedy(sess, PROMPTS, STEPS) == alone

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import spaces
-from tests.helpers import candidates, counted_flops, logits, tiny_model
+from tests.helpers import candidates, counted_flops, logits, random_windows, tiny_model
 
 SEQ = 32
 KINDS = ["llama", "qwen2"]
@@ -17,8 +17,7 @@ KINDS = ["llama", "qwen2"]
 @pytest.fixture(scope="module", params=KINDS)
 def built(request):
     model = tiny_model(request.param)
-    g = torch.Generator().manual_seed(0)
-    windows = torch.randint(0, model.config.vocab_size, (4, SEQ), generator=g)
+    windows = random_windows(model, 4, SEQ)
     reference = logits(model, windows)
     structure = spaces.Structure.of(model)
     space = spaces.build("depth", structure, SEQ, windows)

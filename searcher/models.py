@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
+from searcher.checkpoint import own_weights
 from searcher.errors import SearcherError
 from searcher.families import family_for
+from searcher.heap import return_large_buffers
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,8 @@ def load(
         raise SearcherError(f"cannot load the model from {source or name}: {_why(exc)}") from None
     model.to(device).eval()
     model.requires_grad_(False)
+    own_weights(model)  # one copy in memory, not one plus the checkpoint's mapped pages
+    return_large_buffers()  # and scoring's large buffers freed back to the system
     return LoadedModel(model, tokenizer, identity(model, name))
 
 

@@ -2,8 +2,11 @@
 
 The mask is Wanda's: weights are ranked within each output row by |W_ij| * ||X_j||_2, with
 ||X_j|| the norm of input feature j over the calibration tokens, and a level of sparsity s
-zeroes the floor(s * in_features) lowest-ranked weights of every row. Ranks are computed once;
-applying a candidate rewrites only the layers whose level changed.
+zeroes the ceil(s * in_features) lowest-ranked weights of every row. Ranks are computed once
+and kept as each weight's first level that keeps it (one byte a weight); applying a candidate
+rewrites only the layers whose level changed, from dense values read back from the model's
+checkpoint (``searcher.checkpoint``) where it holds exactly the loaded weights, so the space
+holds no dense copy beside the model (a model built in memory gets one).
 
 Unstructured zeros do not make dense kernels faster, so FLOPs are reported as dense; what the
 budget limits is the kept ("nonzero") share of the prunable weights (``sparsity=R`` means at
@@ -12,6 +15,8 @@ least R of them are zero) or the whole model's parameters.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -20,10 +25,13 @@ import torch
 from torch import nn
 
 from latency_models.table import CostTable
+from searcher.checkpoint import CheckpointTensors
 from searcher.families.base import in_axis
-from spaces.base import Block, Gene, SearchSpace, block_costs, dense_blocks, digest, fixed_costs
+from spaces.base import Block, Gene, SearchSpace, block_costs, dense_blocks, fixed_costs
 from spaces.importance import input_statistics
 from spaces.structure import Structure
+
+log = logging.getLogger(__name__)
 
 OWL_M = 5.0  # OWL's outlier threshold: a score above M times the layer's mean (paper default)
 
@@ -73,34 +81,76 @@ class SparsitySpace(SearchSpace):
         )
         modules = {layer.name(p): layer.module.get_submodule(p) for layer, p in self.linears}
         stats = input_statistics(structure.model, modules, windows, batch_size)
-        self._dense: list[torch.Tensor] = []  # [out, in] (transposed views of Conv1D weights)
-        self._rank: list[torch.Tensor] = []
+        checkpoint = CheckpointTensors.of(structure.model)
+        self._shapes: list[tuple[int, int]] = []  # [out, in] of each gene's weight
+        # per weight, the first level that keeps it (uint8 where the levels fit, else the
+        # weight's rank in its row, int16/32): 1 or 2 bytes a weight, not a float copy
+        self._kept_from: list[torch.Tensor] = []
+        self._by_rank = len(self.sparsities) > 255
+        # dense values: read back from the checkpoint where it holds exactly the loaded
+        # weight, else a resident copy
+        self._stored: list[str | None] = []
+        self._copies: dict[int, torch.Tensor] = {}
+        self._checkpoint = checkpoint
         self._outliers: list[float] = []  # OWL's outlier ratio of each gene's decoder layer
-        per_layer: dict[int, list[torch.Tensor]] = {}
-        for layer, p in self.linears:
-            w = _rows_out(modules[layer.name(p)]).detach()
+        fingerprint = hashlib.sha256()
+        layer_scores: list[torch.Tensor] = []
+        for gi, (layer, p) in enumerate(self.linears):
+            module = modules[layer.name(p)]
+            w = _rows_out(module).detach()
             score = w.abs().double() * stats[layer.name(p)]["l2"][None, :].to(w.device)
-            per_layer.setdefault(layer.index, []).append(score.flatten())
-            order = torch.argsort(score, dim=1, stable=True)
-            rank_dtype = torch.int16 if w.shape[1] < 2**15 else torch.int32
-            rank = torch.empty_like(order, dtype=rank_dtype)
-            cols = torch.arange(w.shape[1], device=w.device, dtype=rank_dtype)
-            rank.scatter_(1, order, cols.expand_as(order).contiguous())
-            self._rank.append(rank)
-            self._dense.append(w.clone())
-        ratios = {i: outlier_ratio(torch.cat(scores)) for i, scores in per_layer.items()}
-        self._outliers = [ratios[layer.index] for layer, _ in self.linears]
+            layer_scores.append(score.flatten())
+            rank = _row_ranks(score)
+            del score
+            fingerprint.update(rank.cpu().contiguous().numpy().tobytes())
+            self._shapes.append((w.shape[0], w.shape[1]))
+            self._kept_from.append(rank if self._by_rank else self._first_kept(gi, rank))
+            del rank
+            self._stored.append(_stored_name(checkpoint, layer.name(p) + ".weight", module))
+            if self._stored[-1] is None:
+                self._copies[gi] = w.clone()
+            last = gi + 1 == len(self.linears) or self.linears[gi + 1][0] is not layer
+            if last:  # the layer's outlier ratio over all its projections, then drop scores
+                ratio = outlier_ratio(torch.cat(layer_scores))
+                self._outliers += [ratio] * len(layer_scores)
+                layer_scores = []
+        self._fingerprint = fingerprint.hexdigest()[:16]
+        if self._copies:
+            log.info(
+                "sparsity space: %d of %d weights kept as a dense copy (not in the checkpoint "
+                "as loaded)", len(self._copies), len(self.linears),
+            )  # fmt: skip
         self._applied = list(self.dense())
+
+    def _first_kept(self, gi: int, rank: torch.Tensor) -> torch.Tensor:
+        """Per weight, the first level whose mask keeps it: levels are ordered most zeroed
+        first, and a weight of rank r is kept at every level zeroing at most r a row."""
+        zeroed = torch.tensor(
+            [self._zeroed(gi, lv) for lv in range(len(self.sparsities))], device=rank.device
+        )
+        ascending = zeroed.flip(0).contiguous()
+        kept_levels = torch.searchsorted(ascending, rank.to(torch.int64).contiguous(), right=True)
+        return (len(self.sparsities) - kept_levels).to(torch.uint8)
+
+    def _dense(self, gi: int) -> torch.Tensor:
+        """Gene gi's dense weight as [out, in], on the model's device and in its dtype."""
+        if gi in self._copies:
+            return self._copies[gi]
+        layer, p = self.linears[gi]
+        module = layer.module.get_submodule(p)
+        stored = self._checkpoint.read(self._stored[gi])
+        dense = stored if in_axis(module) == 1 else stored.t()
+        return dense.to(device=module.weight.device, dtype=module.weight.dtype)
 
     def _zeroed(self, gi: int, level: int) -> int:
         """Weights zeroed per output row of gene gi's linear at this level: rounded up, so
         that a level of s zeroes at least s of every row and ``sparsity=s`` admits it."""
-        in_features = self._dense[gi].shape[1]
+        in_features = self._shapes[gi][1]
         return math.ceil(self.sparsities[level] * in_features - 1e-9)
 
     def row_zeros(self, gi: int, level: int) -> tuple[int, int]:
         """Gene gi's linear: (its input features, the weights zeroed per row at ``level``)."""
-        return self._dense[gi].shape[1], self._zeroed(gi, level)
+        return self._shapes[gi][1], self._zeroed(gi, level)
 
     def apply(self, candidate: Sequence[int]) -> None:
         with torch.no_grad():
@@ -108,9 +158,12 @@ class SparsitySpace(SearchSpace):
                 if self._applied[gi] == level:
                     continue
                 layer, p = self.linears[gi]
-                k = self._zeroed(gi, level)
                 out = _rows_out(layer.module.get_submodule(p)).data
-                torch.mul(self._dense[gi], self._rank[gi] >= k, out=out)
+                if self._by_rank:
+                    keep = self._kept_from[gi] >= self._zeroed(gi, level)
+                else:
+                    keep = self._kept_from[gi] <= level
+                torch.mul(self._dense(gi), keep, out=out)
                 self._applied[gi] = level
 
     def cost_tables(self) -> dict[str, CostTable]:
@@ -123,10 +176,10 @@ class SparsitySpace(SearchSpace):
         ]
         flops = fixed["flops"] + sum(f for f, _ in dense)
         # what a block holds besides its matmul weights (biases, norms) stays dense
-        others = sum(p for _, p in dense) - sum(w.numel() for w in self._dense)
+        others = sum(p for _, p in dense) - sum(r * c for r, c in self._shapes)
         nonzero = []
         for gi in range(len(self.genes)):
-            rows, cols = self._dense[gi].shape
+            rows, cols = self._shapes[gi]
             nonzero.append(
                 [rows * (cols - self._zeroed(gi, lv)) for lv in range(len(self.sparsities))]
             )
@@ -150,10 +203,35 @@ class SparsitySpace(SearchSpace):
         return {"outlier_ratio": list(self._outliers)}
 
     def fingerprint(self) -> str:
-        return digest(*self._rank)
+        return self._fingerprint  # digest(*ranks), hashed one weight at a time
 
     def options(self) -> dict[str, Any]:
         return {"step": self.step, "max_sparsity": self.max_sparsity}
+
+
+def _row_ranks(score: torch.Tensor) -> torch.Tensor:
+    """Each weight's rank within its row by score (ties: the earlier column first)."""
+    order = torch.argsort(score, dim=1, stable=True)
+    rank_dtype = torch.int16 if score.shape[1] < 2**15 else torch.int32
+    rank = torch.empty_like(order, dtype=rank_dtype)
+    cols = torch.arange(score.shape[1], device=score.device, dtype=rank_dtype)
+    rank.scatter_(1, order, cols.expand_as(order).contiguous())
+    return rank
+
+
+def _stored_name(checkpoint: CheckpointTensors | None, name: str, module: nn.Module) -> str | None:
+    """The checkpoint's name for ``module``'s weight (``name`` in the model) where the
+    checkpoint holds exactly the loaded values, else None."""
+    if checkpoint is None:
+        return None
+    w = module.weight
+    for key in (name, name.split(".", 1)[-1]):  # GPT-2's files omit "transformer."
+        if key not in checkpoint.names():
+            continue
+        stored = checkpoint.read(key)
+        if stored.shape == w.shape and torch.equal(stored.to(w.device, w.dtype), w.detach()):
+            return key
+    return None
 
 
 def _rows_out(module: nn.Module) -> torch.Tensor:

@@ -36,10 +36,6 @@ log = logging.getLogger(__name__)
 OWL_M = 5.0  # OWL's outlier threshold: a score above M times the layer's mean (paper default)
 
 
-def outlier_ratio(scores: torch.Tensor, m: float = OWL_M) -> float:
-    return float((scores > m * scores.mean()).double().mean())
-
-
 class SparsitySpace(SearchSpace):
     name = "sparsity"
     latency_note = (
@@ -94,12 +90,12 @@ class SparsitySpace(SearchSpace):
         self._checkpoint = checkpoint
         self._outliers: list[float] = []  # OWL's outlier ratio of each gene's decoder layer
         fingerprint = hashlib.sha256()
-        layer_scores: list[torch.Tensor] = []
+        total, count, first = 0.0, 0, 0  # the current decoder layer's scores so far
         for gi, (layer, p) in enumerate(self.linears):
             module = modules[layer.name(p)]
             w = _rows_out(module).detach()
-            score = w.abs().double() * stats[layer.name(p)]["l2"][None, :].to(w.device)
-            layer_scores.append(score.flatten())
+            score = self._score(gi, stats)
+            total, count = total + float(score.sum()), count + score.numel()
             rank = _row_ranks(score)
             del score
             fingerprint.update(rank.cpu().contiguous().numpy().tobytes())
@@ -109,11 +105,13 @@ class SparsitySpace(SearchSpace):
             self._stored.append(_stored_name(checkpoint, layer.name(p) + ".weight", module))
             if self._stored[-1] is None:
                 self._copies[gi] = w.clone()
-            last = gi + 1 == len(self.linears) or self.linears[gi + 1][0] is not layer
-            if last:  # the layer's outlier ratio over all its projections, then drop scores
-                ratio = outlier_ratio(torch.cat(layer_scores))
-                self._outliers += [ratio] * len(layer_scores)
-                layer_scores = []
+            if gi + 1 == len(self.linears) or self.linears[gi + 1][0] is not layer:
+                # OWL's outlier ratio over all the layer's projections, one at a time (the
+                # scores again, not kept: a layer's scores in float64 are twice its weights)
+                bar = OWL_M * total / count
+                above = sum(int((self._score(g, stats) > bar).sum()) for g in range(first, gi + 1))
+                self._outliers += [above / count] * (gi + 1 - first)
+                total, count, first = 0.0, 0, gi + 1
         self._fingerprint = fingerprint.hexdigest()[:16]
         if self._copies:
             log.info(
@@ -125,12 +123,16 @@ class SparsitySpace(SearchSpace):
     def _first_kept(self, gi: int, rank: torch.Tensor) -> torch.Tensor:
         """Per weight, the first level whose mask keeps it: levels are ordered most zeroed
         first, and a weight of rank r is kept at every level zeroing at most r a row."""
-        zeroed = torch.tensor(
-            [self._zeroed(gi, lv) for lv in range(len(self.sparsities))], device=rank.device
-        )
-        ascending = zeroed.flip(0).contiguous()
-        kept_levels = torch.searchsorted(ascending, rank.to(torch.int64).contiguous(), right=True)
-        return (len(self.sparsities) - kept_levels).to(torch.uint8)
+        first = torch.zeros(rank.shape, dtype=torch.uint8, device=rank.device)
+        for level in range(len(self.sparsities)):  # counts the levels that zero the weight
+            first += rank < self._zeroed(gi, level)
+        return first
+
+    def _score(self, gi: int, stats: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Wanda's score of each weight of gene gi, [out, in], in float64."""
+        layer, p = self.linears[gi]
+        w = _rows_out(layer.module.get_submodule(p)).detach()
+        return w.abs().double() * stats[layer.name(p)]["l2"][None, :].to(w.device)
 
     def _dense(self, gi: int) -> torch.Tensor:
         """Gene gi's dense weight as [out, in], on the model's device and in its dtype."""

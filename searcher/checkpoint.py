@@ -129,8 +129,8 @@ class CheckpointTensors:
             log.debug("no dense values from %s: %s", root, exc)
             return None
 
-    def names(self) -> set[str]:
-        return set(self._where)
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor as stored (dtype and layout), in fresh CPU memory."""

@@ -228,7 +228,7 @@ def _stored_name(checkpoint: CheckpointTensors | None, name: str, module: nn.Mod
         return None
     w = module.weight
     for key in (name, name.split(".", 1)[-1]):  # GPT-2's files omit "transformer."
-        if key not in checkpoint.names():
+        if key not in checkpoint:
             continue
         stored = checkpoint.read(key)
         if stored.shape == w.shape and torch.equal(stored.to(w.device, w.dtype), w.detach()):

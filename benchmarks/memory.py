@@ -12,7 +12,8 @@ about 1.7 GB of float32 weights), then runs, each in a fresh process under
   ``depth``, ``sparsity`` and ``joint``;
 
 and reports each peak resident set size, its ratio to the weight bytes, and what it holds
-above the runtime, in weights (the target: at most 1.5). Writes ``--out``/memory.json.
+above the runtime, in weights (the target: at most 1.5). ``--dtype bfloat16`` builds,
+loads and searches the model in bfloat16 (memory-bfloat16.json). Writes ``--out``/memory.json.
 
     .venv/bin/python benchmarks/memory.py
 """
@@ -32,7 +33,7 @@ BUDGETS = {
 }  # fmt: skip
 
 
-def build(where: Path) -> int:
+def build(where: Path, dtype: str = "float32") -> int:
     """The random model and the embedded tokenizer saved in ``where``; its weight bytes."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -46,7 +47,7 @@ def build(where: Path) -> int:
         max_position_embeddings=2048, tie_word_embeddings=True,
     )  # fmt: skip
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(where)
     tokenizer.save_pretrained(where)
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -68,26 +69,27 @@ def peak_rss(command: list[str]) -> tuple[int, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spaces", default="width,depth,sparsity,joint")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--out", default="results/bench-memory")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="searcher-memory-") as tmp:
         model = Path(tmp) / "model"
-        weights = build(model)
+        weights = build(model, args.dtype)
         python = sys.executable
         rows = {}
         bare = ["-c", "import searcher.run, transformers; from searcher.models import load; "
                 f"transformers.AutoTokenizer.from_pretrained({str(model)!r})"]  # fmt: skip
         rows["runtime"] = peak_rss([python, *bare])
         load = ["-c", "from searcher.models import load; import sys; "
-                f"load({str(model)!r}, 'cpu', 'float32', False)"]  # fmt: skip
+                f"load({str(model)!r}, 'cpu', {args.dtype!r}, False)"]  # fmt: skip
         rows["load"] = peak_rss([python, *load])
         for space in args.spaces.split(","):
             command = [
                 python, "-m", "searcher", "run", "--model", str(model), "--space", space,
                 "--budget", BUDGETS[space], "--evals", "2", "--seq-len", "128", "--threads",
-                "1", "--out", str(Path(tmp) / f"run-{space}"),
+                "1", "--dtype", args.dtype, "--out", str(Path(tmp) / f"run-{space}"),
             ]  # fmt: skip
             rows[space] = peak_rss(command)
             print(space, rows[space], flush=True)
@@ -99,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                "wall_s": round(wall, 1)}
         for name, (rss, wall) in rows.items()
     }  # fmt: skip
-    result = {"weights_gb": round(weights / 1e9, 3), "runs": table}
-    (out / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"dense weights: {weights / 1e9:.2f} GB (float32)")
+    result = {"weights_gb": round(weights / 1e9, 3), "dtype": args.dtype, "runs": table}
+    (out / f"memory{'' if args.dtype == 'float32' else '-' + args.dtype}.json").write_text(
+        json.dumps(result, indent=2) + "\n"
+    )
+    print(f"dense weights: {weights / 1e9:.2f} GB ({args.dtype})")
     print("| run | peak RSS GB | × weights | above runtime GB | above runtime × weights | wall s |")
     print("|---|---|---|---|---|---|")
     for name, r in table.items():

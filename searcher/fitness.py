@@ -75,8 +75,7 @@ class Evaluator:
         self.head = model.get_output_embeddings()
         # float32 LM head: logits, logsumexp and the W^T p reference must share one precision,
         # or a bfloat16 model's rounding shows up as KL of the dense model to itself
-        self.head_weight = self.head.weight.float()
-        self.head_bias = None if self.head.bias is None else self.head.bias.float()
+        self.float_head = FloatHead(self.head)
         vocab = self.head.weight.shape[0]
         apply(dense)
         if reference is not None:
@@ -131,15 +130,15 @@ class Evaluator:
                 return None, self.model(input_ids=ids, use_cache=False).logits.float()
             hidden = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
             hidden = hidden.float()
-            return hidden, nn.functional.linear(hidden, self.head_weight, self.head_bias)
+            return hidden, self.float_head.logits(hidden)
 
     def _summarise(self, h: torch.Tensor | None, z: torch.Tensor) -> dict[str, torch.Tensor]:
         logp = torch.log_softmax(z, dim=-1)
         if h is not None:
             p = logp.exp()
-            ref = {"u": p @ self.head_weight, "neg_entropy": (p * logp).sum(-1)}
-            if self.head_bias is not None:
-                ref["pb"] = p @ self.head_bias
+            ref = {"u": self.float_head.project(p), "neg_entropy": (p * logp).sum(-1)}
+            if self.float_head.bias is not None:
+                ref["pb"] = p @ self.float_head.bias
             return ref
         if self.top_k is None:
             p = logp.exp()
@@ -180,6 +179,42 @@ class Evaluator:
             torch.stack(kl).double().nan_to_num(nan=float("inf")).cpu().numpy(),
             torch.stack(nll).double().nan_to_num(nan=float("inf")).cpu().numpy(),
         )
+
+
+class FloatHead:
+    """The LM head in float32 without a float32 copy of a lower-precision head: a block of
+    ``rows`` vocabulary rows is cast at a time (for a bfloat16 Llama-3-8B a whole copy is
+    2.1 GB, per evaluator). A float32 head is used as it is, in one piece."""
+
+    def __init__(self, head: nn.Module, rows: int = 4096) -> None:
+        self.weight = head.weight.detach()
+        self.bias = None if head.bias is None else head.bias.detach().float()
+        whole = self.weight.dtype == torch.float32
+        self.rows = self.weight.shape[0] if whole else rows
+
+    def _blocks(self):
+        for r0 in range(0, self.weight.shape[0], self.rows):
+            yield slice(r0, r0 + self.rows), self.weight[r0 : r0 + self.rows].float()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 ``hidden @ W^T + b``."""
+        if self.rows >= self.weight.shape[0]:
+            return nn.functional.linear(hidden, self.weight.float(), self.bias)
+        out = hidden.new_empty((*hidden.shape[:-1], self.weight.shape[0]))
+        for rows, w in self._blocks():
+            b = None if self.bias is None else self.bias[rows]
+            out[..., rows] = nn.functional.linear(hidden, w, b)
+        return out
+
+    def project(self, p: torch.Tensor) -> torch.Tensor:
+        """float32 ``p @ W`` (probabilities over the vocabulary to the hidden size)."""
+        if self.rows >= self.weight.shape[0]:
+            return p @ self.weight.float()
+        out = None
+        for rows, w in self._blocks():
+            part = p[..., rows] @ w
+            out = part if out is None else out.add_(part)
+        return out
 
 
 def _nll(z: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import spaces
-from searcher.fitness import Evaluator
+from searcher.fitness import Evaluator, FloatHead
 from searcher.pool import Job, LocalPool
 from tests.helpers import tiny_model
 
@@ -215,3 +215,28 @@ def test_half_precision_dense_model_has_zero_kl_to_itself(dtype) -> None:
     ev = Evaluator(model, windows, space.apply, space.dense(), batch_size=2)
     assert np.all(np.abs(ev.score(space.dense(), 0, 3).kl) < 1e-5)
     assert np.all(ev.score((0,) * len(space.genes), 0, 3).kl > 1e-3)
+
+
+def test_half_precision_head_is_cast_a_block_at_a_time_to_the_same_scores() -> None:
+    """A bfloat16 model's LM head is not copied to float32 whole (a bfloat16 8B model's copy
+    is 2.1 GB): blocks of rows are cast as needed, and the logits and the W^T p reference
+    equal those of a whole float32 copy."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    head = model.get_output_embeddings()
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, head.weight.shape[1], generator=g)
+    p = torch.softmax(torch.randn(5, head.weight.shape[0], generator=g), -1)
+    whole = head.weight.float()
+    blocks = FloatHead(head, rows=7)  # not a divisor of the vocabulary
+    assert blocks.weight.dtype == torch.bfloat16  # no float32 copy held
+    torch.testing.assert_close(blocks.logits(hidden), hidden @ whole.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(blocks.project(p), p @ whole, rtol=1e-5, atol=1e-6)
+    windows = torch.randint(0, model.config.vocab_size, (2, SEQ), generator=g)
+    space = spaces.build("width", spaces.Structure.of(model), SEQ, windows)
+    ev = Evaluator(model, windows, space.apply, space.dense(), batch_size=2)
+    held = [t for t in vars(ev.float_head).values() if isinstance(t, torch.Tensor)]
+    assert all(t.dtype != torch.float32 or t.numel() < head.weight.numel() for t in held)
+    # a float32 model's head is used as it is, in one piece and without a copy
+    fp32 = tiny_model("llama").get_output_embeddings()
+    one = FloatHead(fp32)
+    assert one.weight.data_ptr() == fp32.weight.data_ptr() and one.rows == fp32.weight.shape[0]

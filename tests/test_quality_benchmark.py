@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -78,3 +79,40 @@ def test_seeded_evo_gets_its_seeds_evaluations_and_changed_settings_rerun(
         quality.main([*base, "--methods", "evo+additive", "--evals", "4"])
     assert exit_.value.code == 2
     assert "evo+additive need their seed's method" in capsys.readouterr().err
+
+
+def test_additive_budget_is_a_setting_of_its_own_and_no_run_reports_finished_runs(
+    tiny_dir: Path, tmp_path: Path, capsys
+) -> None:
+    quality = _benchmark()
+    base = ["--model", str(tiny_dir), "--settings", "width-flops0.5", "--seq-len", "32",
+            "--importance-windows", "2", "--validation-windows", "2", "--stages", "1:1,2:1",
+            "--offspring", "4", "--threads", "1", "--methods", "uniform,additive,default",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert quality.main([*base, "--seeds", "1", "--evals", "4,additive"]) == 0
+    rows = pd.read_csv(tmp_path / "quality.csv")
+    spent = float(rows[rows["method"] == "additive"]["evals"].iloc[0])
+    assert spent > 4
+    label = f"width-flops0.5@{spent:g}"
+    assert set(zip(rows["setting"], rows["method"])) == {
+        (s, m) for s in ("width-flops0.5", label) for m in ("uniform", "additive", "default")
+    }
+    by = rows.set_index(["setting", "method"])
+    assert 4 <= by.loc[("width-flops0.5", "default"), "evals"] < spent
+    assert by.loc[(label, "default"), "evals"] >= spent
+    assert (
+        tmp_path / "runs" / "width-flops0.5" / f"default-e{spent:g}-s0" / "bench.json"
+    ).is_file()
+    summary = (tmp_path / "summary.md").read_text()
+    # additive does not fit in 4 evaluations: listed there, counted only at its own count
+    assert f"not counted: it needs {spent:.0f} evals" in summary
+    assert f"- {label}: default val KL" in summary
+    counted = dict(re.findall(r"- (\S+): default val KL .* lower than \d/(\d) other", summary))
+    assert counted == {"width-flops0.5": "1", label: "2"}  # uniform; uniform and additive
+    # --no-run: only what finished before; a third seed's runs are reported missing
+    capsys.readouterr()
+    assert quality.main([*base, "--seeds", "2", "--evals", "4,additive", "--no-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 runs not finished (--no-run)" in printed and "default-s1" in printed
+    again = pd.read_csv(tmp_path / "quality.csv")
+    assert len(again) == len(rows) and not (tmp_path / "runs/width-flops0.5/default-s1").exists()

@@ -79,10 +79,12 @@ class SparsitySpace(SearchSpace):
         stats = input_statistics(structure.model, modules, windows, batch_size)
         checkpoint = CheckpointTensors.of(structure.model)
         self._shapes: list[tuple[int, int]] = []  # [out, in] of each gene's weight
-        # per weight, the first level that keeps it (uint8 where the levels fit, else the
-        # weight's rank in its row, int16/32): 1 or 2 bytes a weight, not a float copy
+        # per weight, the first level that keeps it (two to a byte up to 16 levels, as the
+        # default 10% grid has; one byte up to 255; else the weight's rank in its row,
+        # int16/32): half a byte to 2 bytes a weight, not a float copy
         self._kept_from: list[torch.Tensor] = []
         self._by_rank = len(self.sparsities) > 255
+        self._packed = len(self.sparsities) <= 16
         # dense values: read back from the checkpoint where it holds exactly the loaded
         # weight, else a resident copy
         self._stored: list[str | None] = []
@@ -101,6 +103,8 @@ class SparsitySpace(SearchSpace):
             fingerprint.update(rank.cpu().contiguous().numpy().tobytes())
             self._shapes.append((w.shape[0], w.shape[1]))
             self._kept_from.append(rank if self._by_rank else self._first_kept(gi, rank))
+            if self._packed:
+                self._kept_from[-1] = _pack(self._kept_from[-1])
             del rank
             self._stored.append(_stored_name(checkpoint, layer.name(p) + ".weight", module))
             if self._stored[-1] is None:
@@ -163,6 +167,8 @@ class SparsitySpace(SearchSpace):
                 out = _rows_out(layer.module.get_submodule(p)).data
                 if self._by_rank:
                     keep = self._kept_from[gi] >= self._zeroed(gi, level)
+                elif self._packed:
+                    keep = _unpack(self._kept_from[gi], self._shapes[gi][1]) <= level
                 else:
                     keep = self._kept_from[gi] <= level
                 torch.mul(self._dense(gi), keep, out=out)
@@ -209,6 +215,20 @@ class SparsitySpace(SearchSpace):
 
     def options(self) -> dict[str, Any]:
         return {"step": self.step, "max_sparsity": self.max_sparsity}
+
+
+def _pack(first: torch.Tensor) -> torch.Tensor:
+    """[out, in] values below 16 as [out, ceil(in / 2)] bytes: column 2j in the low four
+    bits, column 2j + 1 in the high four."""
+    if first.shape[1] % 2:
+        first = torch.nn.functional.pad(first, (0, 1))
+    return first[:, 0::2] | (first[:, 1::2] << 4)
+
+
+def _unpack(packed: torch.Tensor, columns: int) -> torch.Tensor:
+    """``_pack``'s input back, [out, columns]."""
+    both = torch.stack((packed & 15, packed >> 4), dim=-1)
+    return both.reshape(packed.shape[0], -1)[:, :columns]
 
 
 def _row_ranks(score: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import spaces
+from spaces.sparsity import _pack, _unpack
 from tests.helpers import candidates, counted_flops, logits, random_windows, tiny_model
 
 SEQ = 32
@@ -224,3 +225,18 @@ def test_uniform_allocation_sits_exactly_at_the_budgeted_level(built, target: fl
     )
     fraction = problem.costs["nonzero"].cost(uniform) / problem.costs["nonzero"].dense()
     assert 1 - target - 0.02 < fraction <= 1 - target
+
+
+def test_first_kept_levels_are_packed_two_to_a_byte_on_the_default_grid(built) -> None:
+    """Up to 16 levels, each weight's first kept level takes half a byte (0.25x of float32
+    weights, 0.5x of bfloat16 ones, where one byte each was 0.5x), and packs back exactly,
+    odd widths included."""
+    space = built.space
+    assert len(space.sparsities) <= 16
+    for gi, packed in enumerate(space._kept_from):
+        rows, cols = space._shapes[gi]
+        assert packed.dtype == torch.uint8 and packed.shape == (rows, (cols + 1) // 2)
+    g = torch.Generator().manual_seed(0)
+    for cols in (1, 6, 7):
+        first = torch.randint(0, 16, (3, cols), generator=g, dtype=torch.uint8)
+        assert torch.equal(_unpack(_pack(first), cols), first)

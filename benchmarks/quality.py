@@ -327,7 +327,8 @@ def plot_curves(rows: pd.DataFrame, out: Path) -> None:
         ax.set_ylabel("best calibration KL so far (mean over seeds)")
         ax.set_yscale("log")
         ax.set_title(f"{setting}: best-so-far KL")
-        ax.legend(fontsize=7, loc="upper right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper right")
         fig.tight_layout()
         fig.savefig(out / f"curves-{setting}.png", dpi=120)
         plt.close(fig)
@@ -464,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     text = summarise(frame, out)
     print(text)
     if missing:
-        print(f"{len(missing)} runs not finished (--no-run): {', '.join(missing)}")
+        where = pd.Series([str(Path(m).parent.name) for m in dict.fromkeys(missing)])
+        counts = ", ".join(f"{s} {n}" for s, n in where.value_counts(sort=False).items())
+        print(f"{len(where)} runs not finished (--no-run): {counts}; first: {missing[0]}")
     print(f"wrote {out}/quality.csv, summary.csv, summary.md, curves-*.png "
           f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
     return 0

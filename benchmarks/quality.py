@@ -423,11 +423,12 @@ def main(argv: list[str] | None = None) -> int:
                  and (setting, m) not in plan.get("skip", ())]  # fmt: skip
         for budget in plan["evals"]:
             if budget == ADDITIVE:  # additive's own count: it runs (or is read) first
-                before = len(rows)
-                measure(setting, setting, 0.0, "additive", 10**6)
-                if len(rows) == before:
-                    continue  # not finished (--no-run)
-                budget = float(rows.pop()["evals"])
+                where = out / "runs" / setting / "additive-s0"
+                rec = run_one(spec_for(args, setting, "additive", 0, where, 10**6), not args.no_run)
+                if rec is None:
+                    missing.append(str(where))
+                    continue
+                budget = float(rec["evals"])
             label = setting if budget == plan["evals"][0] else f"{setting}@{budget:g}"
             for name in names:
                 # Baselines take what they need (additive: one window per level scored

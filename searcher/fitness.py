@@ -208,8 +208,6 @@ class FloatHead:
 
     def project(self, p: torch.Tensor) -> torch.Tensor:
         """float32 ``p @ W`` (probabilities over the vocabulary to the hidden size)."""
-        if self.rows >= self.weight.shape[0]:
-            return p @ self.weight.float()
         out = None
         for rows, w in self._blocks():
             part = p[..., rows] @ w

@@ -102,9 +102,9 @@ class SparsitySpace(SearchSpace):
             del score
             fingerprint.update(rank.cpu().contiguous().numpy().tobytes())
             self._shapes.append((w.shape[0], w.shape[1]))
-            self._kept_from.append(rank if self._by_rank else self._first_kept(gi, rank))
-            if self._packed:
-                self._kept_from[-1] = _pack(self._kept_from[-1])
+            kept = rank if self._by_rank else self._first_kept(gi, rank)
+            self._kept_from.append(_pack(kept) if self._packed else kept)
+            del kept
             del rank
             self._stored.append(_stored_name(checkpoint, layer.name(p) + ".weight", module))
             if self._stored[-1] is None:

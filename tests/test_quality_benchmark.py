@@ -22,6 +22,13 @@ def _benchmark():
     return module
 
 
+def tiny_run(tiny_dir: Path, out: Path) -> list[str]:
+    """Flags for small, fast runs on the tiny model."""
+    return ["--model", str(tiny_dir), "--seq-len", "32", "--importance-windows", "2",
+            "--validation-windows", "2", "--stages", "1:1,2:1", "--offspring", "4",
+            "--threads", "1", "--out", str(out)]  # fmt: skip
+
+
 def test_quick_mode_runs_end_to_end_and_resumes(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     quality = _benchmark()
     args = ["--quick", "--model", str(tiny_dir), "--evals", "6", "--seq-len", "32",
@@ -58,10 +65,7 @@ def test_seeded_evo_gets_its_seeds_evaluations_and_changed_settings_rerun(
     tiny_dir: Path, tmp_path: Path, capsys
 ) -> None:
     quality = _benchmark()
-    base = ["--model", str(tiny_dir), "--settings", "width-flops0.5", "--seeds", "1",
-            "--seq-len", "32", "--importance-windows", "2", "--validation-windows", "2",
-            "--stages", "1:1,2:1", "--offspring", "4", "--threads", "1",
-            "--out", str(tmp_path)]  # fmt: skip
+    base = [*tiny_run(tiny_dir, tmp_path), "--settings", "width-flops0.5", "--seeds", "1"]
     args = [*base, "--methods", "additive,evo+additive,evo", "--evals", "4"]
     assert quality.main(args) == 0
     rows = pd.read_csv(tmp_path / "quality.csv").set_index("method")
@@ -85,10 +89,8 @@ def test_additive_budget_is_a_setting_of_its_own_and_no_run_reports_finished_run
     tiny_dir: Path, tmp_path: Path, capsys
 ) -> None:
     quality = _benchmark()
-    base = ["--model", str(tiny_dir), "--settings", "width-flops0.5", "--seq-len", "32",
-            "--importance-windows", "2", "--validation-windows", "2", "--stages", "1:1,2:1",
-            "--offspring", "4", "--threads", "1", "--methods", "uniform,additive,default",
-            "--out", str(tmp_path)]  # fmt: skip
+    base = [*tiny_run(tiny_dir, tmp_path), "--settings", "width-flops0.5",
+            "--methods", "uniform,additive,default"]  # fmt: skip
     assert quality.main([*base, "--seeds", "1", "--evals", "4,additive"]) == 0
     rows = pd.read_csv(tmp_path / "quality.csv")
     spent = float(rows[rows["method"] == "additive"]["evals"].iloc[0])

@@ -234,28 +234,31 @@ def plan(
     problem: Problem, full_windows: int, windows: int, evals: float, share: float = SHARE
 ) -> list[Profile]:
     """The profiles of the default start, costing at most ``share`` of ``evals`` with the
-    full evaluations of their solutions (two each) kept out of it: the finest per-layer
-    profile that fits (as many options per layer as fit, up to ``LEVELS``) and, where
-    there is room for both, a per-gene profile of one option each. Empty when not even one
-    option per layer fits.
+    full evaluations of their solutions (two each) kept out of it: where there is room for
+    both, the finest per-gene profile (up to ``LEVELS`` options per gene) that leaves room
+    for one option per layer; then the finest per-layer profile that fits. Empty when not
+    even one option per layer fits.
 
     Neither kind wins everywhere on SmolLM2 (KL of the knapsack's solution): per layer did
     better at width flops 0.5 (2.20 against 2.51 per gene, for half the evaluations), at
     depth (1.08 against 1.40) and at sparsity 70% (three options 2.04 against 2.08, 22.5
     against 158 evaluations); per gene at width flops 0.7 (0.78 against 1.10). So both
-    are solved where they fit, and evo starts from the better solution."""
+    are solved where they fit, and evo starts from the better solution. More options help
+    per gene and hardly per layer: at width flops 0.7, 1/2/3 options per gene gave 0.785/
+    0.766/0.760 (calibration KL) and 2/3 per layer 1.098/1.101; at width flops 0.5 per
+    layer 1/2/3 gave 2.20/2.21/2.21, per gene (straight lines) 2.17/2.17/2.19."""
     room = min(share * evals, evals - 2)
     layers = layer_groups(problem)
     chosen: list[Profile] = []
     if len(layers) < problem.n_genes:
-        genes = sized(problem, tuple((g,) for g in range(problem.n_genes)), 1, windows)
-        coarsest = sized(problem, layers, 1, windows)
-        if (
-            genes.candidates()
-            and genes.cost(full_windows) + 2 + coarsest.cost(full_windows) <= room
-        ):
-            chosen.append(genes)
-            room -= genes.cost(full_windows) + 2
+        singles = tuple((g,) for g in range(problem.n_genes))
+        coarsest = sized(problem, layers, 1, windows).cost(full_windows)
+        for count in LEVELS:  # the finest per-gene profile that leaves the coarsest per layer
+            genes = sized(problem, singles, count, windows)
+            if genes.candidates() and genes.cost(full_windows) + 2 + coarsest <= room:
+                chosen.append(genes)
+                room -= genes.cost(full_windows) + 2
+                break
     for count in LEVELS:
         profile = sized(problem, layers, count, windows)
         if not profile.candidates():

@@ -44,14 +44,14 @@ def test_spaced_picks_start_one_step_below_the_uniform_allocation() -> None:
 def test_plan_is_the_finest_profile_within_its_share() -> None:
     p = layered()
     found = {}
-    for evals in (1000, 12, 6, 4, 2):
+    for evals in (1000, 16, 12, 6, 4, 2):
         profiles = plan(p, full_windows=2, windows=1, evals=evals)
         spent = sum(x.cost(2) for x in profiles) + 2 * (len(profiles) - 1)
         assert spent <= min(0.6 * evals, evals - 2)  # with two full starts per extra profile
         found[evals] = [(len(x.groups), max(len(k) for k in x.picks)) for x in profiles]
-    # per layer, as many options as fit, with one option per gene beside it where both fit
-    assert found[1000] == [(3, 4), (6, 1)]
-    assert found[12][0][0] == 3 and found[12][0][1] < 4 and found[12][1:] == [(6, 1)]
+    # per gene, as many options as fit beside one per layer; per layer, as many as then fit
+    assert found[1000] == [(3, 4), (6, 4)]
+    assert found[16] == [(3, 1), (6, 2)] and found[12] == [(3, 1), (6, 1)]
     assert found[6][0][0] == 3 and len(found[6]) == 1 and found[2] == []
     flat = dataclasses.replace(p, layers=())  # layers unknown: one gene per group
     assert [len(x.groups) for x in plan(flat, 2, 1, 1000)] == [p.n_genes]

@@ -31,10 +31,7 @@ def tiny_run(tiny_dir: Path, out: Path) -> list[str]:
 
 def test_quick_mode_runs_end_to_end_and_resumes(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     quality = _benchmark()
-    args = ["--quick", "--model", str(tiny_dir), "--evals", "6", "--seq-len", "32",
-            "--importance-windows", "2", "--validation-windows", "2", "--stages", "1:1,2:1",
-            "--offspring", "4", "--batch", "4", "--threads", "1",
-            "--out", str(tmp_path)]  # fmt: skip
+    args = [*tiny_run(tiny_dir, tmp_path), "--quick", "--evals", "6", "--batch", "4"]
     assert quality.main(args) == 0
     rows = pd.read_csv(tmp_path / "quality.csv")
     want = {("width-flops0.5", m) for m in quality.QUICK["methods"] if m != "owl"} | {

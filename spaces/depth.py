@@ -14,6 +14,7 @@ import torch
 
 from latency_models.table import CostTable
 from spaces.base import Block, Gene, SearchSpace, block_tables
+from spaces.importance import residual_ratios
 from spaces.structure import Structure
 
 
@@ -27,8 +28,12 @@ class DepthSpace(SearchSpace):
         windows: torch.Tensor | None = None,
         batch_size: int = 4,
     ) -> None:
-        """``windows`` and ``batch_size`` are unused: dropping a block needs no scoring."""
+        """``windows``: calibration tokens for the blocks' residual ratios (a prior for the
+        default search's start; none without them)."""
         super().__init__(structure, seq_len)
+        self._ratios = (
+            residual_ratios(structure, windows, batch_size) if windows is not None else []
+        )
         self.genes = tuple(
             Gene(layer.name(block.name), block.kind, (False, True), (0.0, 1.0))
             for layer in structure.layers
@@ -57,6 +62,13 @@ class DepthSpace(SearchSpace):
         attn: list[Block | None] = [("attn", 0), ("attn", s.kv_heads)]
         mlp: list[Block | None] = [("mlp", 0), ("mlp", s.intermediate)]
         return [], [attn if g.kind == "attn" else mlp for g in self.genes]
+
+    def priors(self) -> dict[str, Any]:
+        """``residual_ratio``: per gene, how much its block changes the residual stream on
+        calibration tokens (``residual_ratios``)."""
+        if not self._ratios:
+            return {}
+        return {"residual_ratio": [r for pair in self._ratios for r in pair]}
 
     def describe(self, candidate: Sequence[int]) -> dict[str, dict[str, Any]]:
         return {g.name: {"kept": bool(g.values[level])} for g, level in zip(self.genes, candidate)}

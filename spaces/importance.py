@@ -1,11 +1,16 @@
-"""Activation statistics of linear-layer inputs on calibration tokens, gathered in one pass."""
+"""Activation statistics on calibration tokens, gathered in one pass: of linear-layer inputs
+(width, sparsity), and of what each block adds to the residual stream (depth)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from spaces.structure import Structure
 
 
 def input_statistics(
@@ -41,3 +46,57 @@ def input_statistics(
         for h in handles:
             h.remove()
     return {n: {"mean_abs": s["abs"] / s["n"], "l2": s["sq"].sqrt()} for n, s in sums.items()}
+
+
+def residual_ratios(
+    structure: Structure, windows: torch.Tensor, batch_size: int
+) -> list[tuple[float, float]]:
+    """Per decoder layer, how much its attention and its MLP block change the residual
+    stream: the mean over tokens of the block output's norm over the norm of the stream it
+    is added to (the layer's input for attention, that plus attention's output for the MLP;
+    for parallel-residual families an approximation)."""
+    s = structure
+    found: dict[tuple[int, str], torch.Tensor] = {}
+    sums = torch.zeros(len(structure.layers), 2, dtype=torch.float64)
+    count = 0
+
+    def layer_input(i: int):
+        def record(_module, args, kwargs):
+            found[(i, "in")] = (args[0] if args else kwargs["hidden_states"]).detach().float()
+
+        return record
+
+    def block_output(i: int, kind: str):
+        def record(_module, _args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            found[(i, kind)] = out.detach().float()
+
+        return record
+
+    handles = []
+    for layer in structure.layers:
+        handles.append(
+            layer.module.register_forward_pre_hook(layer_input(layer.index), with_kwargs=True)
+        )
+        for kind in ("attn", "mlp"):
+            # the block's output projection: its output is what the block adds (before any
+            # post-norm), in every family's layout
+            module = layer.module.get_submodule(layer.block(kind).score)
+            handles.append(module.register_forward_hook(block_output(layer.index, kind)))
+    model = structure.model
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(windows), batch_size):
+                found.clear()
+                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+                for i in range(len(structure.layers)):
+                    # per token (some families' MLPs see the tokens flattened)
+                    x, a, m = (found[(i, k)].reshape(-1, s.hidden) for k in ("in", "attn", "mlp"))
+                    sums[i, 0] += (a.norm(dim=-1) / x.norm(dim=-1)).sum().double()
+                    sums[i, 1] += (m.norm(dim=-1) / (x + a).norm(dim=-1)).sum().double()
+                count += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(float(a), float(m)) for a, m in (sums / max(count, 1)).tolist()]

@@ -34,5 +34,5 @@ def test_the_profile_is_spent_first_and_within_its_share(tiny_dir: Path, tmp_pat
     profiled = trials[trials["origin"].str.contains("profiling")]
     assert len(profiled) > 0 and (profiled["windows"] == 1).all()
     assert len(profiled) * 1 / 2 <= 0.6 * 20  # one window of two each, within 60% of --evals
-    assert info["evals"] <= 20 + 4  # one batch over at most
+    assert 20 - 1 < info["evals"] <= 20  # --evals is a hard cap, short by less than a job
     assert any(t.startswith("generation") for t in trials["origin"])  # then evo refined it

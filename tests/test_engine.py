@@ -174,10 +174,29 @@ def test_stops_at_max_evals(max_evals: float, full: int, batch: int) -> None:
     limit = max_evals * full
     spent_per_call = [sum(j.stop - j.start for j in call) for call in pool.calls]
     assert engine.spent_windows == sum(spent_per_call)
-    assert engine.spent_windows >= limit
-    # It stops after the first batch that reaches the limit, not later.
-    assert engine.spent_windows - spent_per_call[-1] < limit
+    # A hard cap: never past it, and short of it by less than the job that did not fit.
+    assert limit - full < engine.spent_windows <= limit
     assert not algo.done
+
+
+def test_a_batch_cut_at_the_cap_is_not_told() -> None:
+    """The last batch is scored while it fits; the algorithm never sees a part of a batch
+    (Optuna and pymoo expect every result they asked for)."""
+    p = make_problem()
+    told: list[int] = []
+
+    class Counting(RandomSearch):
+        def tell(self, results):
+            told.append(len(results))
+            super().tell(results)
+
+    pool = FakePool()
+    engine = Engine(p, Counting(p, seed=0, full_windows=1, batch=4), pool, max_evals=10)
+    engine.run()
+    assert engine.spent_windows == 10 and engine.capped
+    assert told == [4, 4]  # the third batch had room for 2 of its 4: scored, not told
+    assert [len(call) for call in pool.calls] == [4, 4, 2]
+    assert sum(t.windows for t in engine.trials.values()) == 10
 
 
 def test_evolution_stops_at_max_evals() -> None:
@@ -187,7 +206,8 @@ def test_evolution_stops_at_max_evals() -> None:
     engine = Engine(p, algo, pool, max_evals=10)
     engine.run()
     per_call = [sum(j.stop - j.start for j in call) for call in pool.calls]
-    assert engine.spent_windows >= 40 > engine.spent_windows - per_call[-1]
+    assert engine.spent_windows == sum(per_call)
+    assert 40 - 4 < engine.spent_windows <= 40
 
 
 def test_stops_when_the_algorithm_is_done() -> None:

@@ -180,6 +180,9 @@ def test_apply_costs_and_saved_model(model_type: str, space_name: str, tmp_path:
     reference = logits(model, ids)
     structure = spaces.Structure.of(model)
     space = spaces.build(space_name, structure, SEQ, windows, options=OPTIONS[space_name])
+    if space_name == "depth":  # the default start's prior, read through every family's layout
+        ratios = space.priors()["residual_ratio"]
+        assert len(ratios) == len(space.genes) and all(0 < r < float("inf") for r in ratios)
     tables = space.cost_tables()
     smallest = (0,) * len(space.genes)
     for c in (_mid(space), smallest):

@@ -39,7 +39,8 @@ def test_quick_mode_runs_end_to_end_and_resumes(tiny_dir: Path, tmp_path: Path, 
     }
     assert set(zip(rows["setting"], rows["method"])) == want
     search = rows[rows["method"].isin(["default", "evo", "tpe", "pymoo-ga", "pymoo-nsga2-mo"])]
-    assert (search["evals"] >= 6).all() and (search["evals"] <= 6 + 4).all()  # one batch over
+    # --evals is a hard cap for every method: short of it by less than one evaluation
+    assert (search["evals"] > 6 - 1).all() and (search["evals"] <= 6).all()
     multi = rows["method"] == "pymoo-nsga2-mo"
     assert rows[multi]["hv"].between(0, 1).all() and rows[~multi]["hv"].isna().all()
     assert rows["val_kl"].gt(0).all() and rows["val_ppl"].gt(0).all()

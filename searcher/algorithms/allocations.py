@@ -204,8 +204,10 @@ class ProfileSeed(OneShot):
     run's evaluations (``profile.plan``), or the uniform allocation when none fits.
 
     Each profile's knapsack is solved twice, with the errors between scored levels on
-    straight lines and on a power law (``profile.curve``); every solution is scored on all
-    windows and the best one starts evo. Profiles too big for ``--evals`` score fewer
+    straight lines and on a power law (``profile.curve``), and where the space gives a
+    ``residual_ratio`` prior (depth) a per-layer profile once more with its errors split
+    among the layer's blocks (``Profile.split``); every solution is scored on all windows
+    and the best one starts evo. Profiles too big for ``--evals`` score fewer
     options, never refused; either way the start is scored on all windows, so even a run
     too short for one generation of evo ends with a result."""
 
@@ -245,6 +247,13 @@ class ProfileSeed(OneShot):
             return [Request(c, windows) for c in self.candidates()]
         if not self.starts:
             found = [p.solve(self.scores, shape) for p in self.profiles for shape in self.SHAPES]
+            shares = self.problem.priors.get("residual_ratio")
+            if shares is not None:  # per-layer profiles, their errors split among the blocks
+                found += [
+                    p.split(self.scores, shares)
+                    for p in self.profiles
+                    if any(len(genes) > 1 for genes in p.groups)
+                ]
             for c in found or [self.problem.uniform()]:
                 c = self.problem.to_budget(c, self.rng)
                 if c not in self.starts:

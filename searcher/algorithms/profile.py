@@ -87,36 +87,84 @@ class Profile:
         (``curve``, or straight lines with ``shape="linear"``); infinite below the lowest
         scored option, 0 dense."""
         n = len(self.options[group])
-        picks = self.picks[group]
-        out = np.full(n, np.inf)
+        out = self.error_at(group, [1 - self.kept(group, o) for o in range(n)], scores, shape)
         out[-1] = 0.0
+        return out
+
+    def error_at(
+        self, group: int, removed: Sequence[float], scores: dict[Candidate, float],
+        shape: str = "power",
+    ) -> np.ndarray:  # fmt: skip
+        """The group's error at each share ``removed`` (see ``errors``)."""
+        picks = self.picks[group]
+        r = np.asarray(removed, dtype=float)
+        out = np.where(r <= 0, 0.0, np.inf)
         if not picks:
             return out
-        removed = np.array([1 - self.kept(group, o) for o in range(n)])
-        at = removed[list(picks)]  # descending: picks ascend in kept fraction
+        at = np.array([1 - self.kept(group, o) for o in picks])  # descending
         err = np.array([scores[self.alone(group, o)] for o in picks])
-        for i in range(picks[0], n - 1):
+        for i in np.flatnonzero((r > 0) & (r <= at[0] + 1e-12)):
             if shape == "linear":
-                out[i] = np.interp(removed[i], np.r_[0.0, at[::-1]], np.r_[0.0, err[::-1]])
+                out[i] = np.interp(r[i], np.r_[0.0, at[::-1]], np.r_[0.0, err[::-1]])
             else:
-                out[i] = curve(removed[i], at, err)
+                out[i] = curve(min(r[i], at[0]), at, err)
         return out
 
     def solve(
         self, scores: dict[Candidate, float], shape: str = "power", bins: int = 4000
     ) -> Candidate:
         """The allocation with the least summed error under the first budgeted metric."""
+        errors = [self.errors(group, scores, shape) for group in range(len(self.groups))]
+        return self._least(self.options, errors, bins)
+
+    def split(
+        self, scores: dict[Candidate, float], shares: Sequence[float], bins: int = 4000
+    ) -> Candidate:
+        """The allocation with the least summed error when each group's error is shared
+        among its genes in proportion to ``shares`` (a prior per gene; ``split_errors``).
+
+        Lowering a whole layer tells what the layer is worth, not which of its blocks to
+        lower; a cheap prior splits it. On SmolLM2 (depth, one window per layer, the split
+        by ``residual_ratio``) this start scored KL 5.44 at flops 0.5 against the per-layer
+        solution's 7.21 and the full per-block profile's 5.49 (twice the evaluations), and
+        1.02 at 75% of blocks against 1.08 and 1.40."""
+        return self._least(*self.split_errors(scores, shares), bins)
+
+    def split_errors(
+        self, scores: dict[Candidate, float], shares: Sequence[float]
+    ) -> tuple[list[list[dict[int, int]]], list[np.ndarray]]:
+        """Per gene, its levels as options and their errors: at each level, the gene's share
+        of its group's error at the share that level removes (infinite below the group's
+        lowest scored option, 0 dense)."""
+        keep = self.problem.keep
+        options: list[list[dict[int, int]]] = []
+        errors: list[np.ndarray] = []
+        for group, genes in enumerate(self.groups):
+            total = float(sum(shares[g] for g in genes))
+            for g in genes:
+                w = shares[g] / total if total > 0 else 1 / len(genes)
+                err = self.error_at(group, [1 - k for k in keep[g]], scores)
+                options.append([{g: level} for level in range(len(keep[g]))])
+                known = np.isfinite(err)
+                err[known] *= w
+                errors.append(err)
+        return options, errors
+
+    def _least(
+        self, options: list[list[dict[int, int]]], errors: list[np.ndarray], bins: int
+    ) -> Candidate:
+        """One of ``options`` per item (each a gene -> level map) with the least summed
+        ``errors`` under the first budgeted metric (``knapsack``); uniform if none fits."""
         metric, limit = next(iter(self.problem.budget.limits.items()))
         table = self.problem.costs[metric]
         costs = [
             np.array([sum(table.levels[g][lv] for g, lv in o.items()) for o in opts])
-            for opts in self.options
+            for opts in options
         ]
-        errors = [self.errors(group, scores, shape) for group in range(len(self.groups))]
 
         def assemble(choice: Sequence[int]) -> Candidate:
             genes = list(self.problem.dense())
-            for opts, pick in zip(self.options, choice, strict=True):
+            for opts, pick in zip(options, choice, strict=True):
                 for g, lv in opts[pick].items():
                     genes[g] = lv
             return tuple(genes)

@@ -122,7 +122,7 @@ def test_default_evo_fits_its_profile_into_the_evaluations() -> None:
         pool = FakePool()
         engine = Engine(p, evo, pool, max_evals=evals)
         engine.run()
-        assert engine.spent_windows <= evals * 2 + 2 * (N_LEVELS[0] + 4)  # one batch over at most
+        assert engine.spent_windows <= evals * 2  # --evals is a hard cap
         best = engine.best()
         assert best is not None and p.feasible(best.candidate)
         profiled = [j for j in pool.jobs if j.stop - j.start == 1 and j.start == 0]
@@ -190,3 +190,49 @@ def test_knapsack_says_so_when_every_choice_that_fits_is_unknown() -> None:
     errors = [np.array([np.inf, 0.0]), np.array([np.inf, 0.0])]
     assert knapsack(costs, errors, room=3.0, bins=100) is None
     assert knapsack(costs, errors, room=4.0, bins=100) == [1, 1]
+
+
+def test_split_charges_each_gene_its_share_of_its_layer() -> None:
+    """A per-layer profile's errors split among each layer's genes by a prior: a gene is
+    charged its share of the layer's error at the share its level removes; a gene with no
+    share is free down to the layer's lowest scored option, so the solution lowers those
+    before it touches the others."""
+    p = layered("flops=0.8")
+    prof = sized(p, ((0, 1), (2, 3), (4, 5)), 2, windows=1)
+    scores = {c: additive_kl(c) for c in prof.candidates()}
+    free = (0.0, 1.0) * 3  # the first gene of every layer: no share
+    options, errors = prof.split_errors(scores, free)
+    assert [list(o[0]) for o in options] == [[g] for g in range(6)]
+    for g, err in enumerate(errors):
+        layer = g // 2
+        floor = 1 - prof.kept(layer, prof.picks[layer][0])
+        removed = np.array([1 - k for k in p.keep[g]])
+        assert np.isinf(err[removed > floor + 1e-12]).all()  # never below what was scored
+        finite = err[removed <= floor + 1e-12]
+        assert finite[-1] == 0.0  # dense
+        if free[g] == 0:
+            assert (finite == 0).all()
+        else:  # the whole layer's error at that share: the other gene has none
+            layer_err = prof.error_at(layer, removed[removed <= floor + 1e-12], scores)
+            assert finite == pytest.approx(layer_err)
+    got = prof.split(scores, free)
+    assert p.feasible(got)
+    lowest = [int(np.flatnonzero(np.isfinite(e))[0]) for e in errors]
+    charged = [g for g in range(6) if free[g] > 0 and got[g] < p.dense()[g]]
+    not_floored = [g for g in range(6) if free[g] == 0 and got[g] > lowest[g]]
+    assert not (charged and not_floored), (got, lowest)
+
+
+def test_the_default_start_adds_the_split_solution_where_the_space_has_the_prior() -> None:
+    plain = layered("flops=0.7")
+    with_prior = dataclasses.replace(plain, priors={"residual_ratio": [0.1, 1.0] * 3})
+    starts = {}
+    for name, p in (("plain", plain), ("prior", with_prior)):
+        seed = ProfileSeed.configure(p, 0, 2, {**SETTINGS, "evals": 12.0})
+        assert any(len(g) > 1 for x in seed.profiles for g in x.groups)  # a per-layer profile
+        Engine(p, seed, FakePool(), max_evals=12.0).run()
+        assert seed.done and p.feasible(seed.chosen)
+        starts[name] = seed.starts
+    solved = starts["prior"][len(starts["plain"]) :]
+    assert starts["prior"][: len(starts["plain"])] == starts["plain"]
+    assert len(solved) <= 1  # the split solution, when it is new

@@ -132,3 +132,23 @@ def test_blocks_metric_counts_kept_blocks(built) -> None:
     assert table.dense() == n and table.minimum() == 0
     half = tuple(i % 2 for i in range(n))
     assert table.cost(half) == n // 2
+
+
+def test_residual_ratio_prior_measures_what_each_block_adds(built) -> None:
+    """Per gene, the block output's norm over the residual stream's; a block whose output
+    projection is zeroed adds nothing, and no windows means no prior."""
+    s, space = built.structure, built.space
+    ratios = space.priors()["residual_ratio"]
+    assert len(ratios) == len(space.genes) and all(r > 0 for r in ratios)
+    mlp = s.layers[1].module.get_submodule(s.layers[1].mlp.name)
+    down = mlp.down_proj.weight
+    saved = down.detach().clone()
+    with torch.no_grad():
+        down.zero_()
+    try:
+        zeroed = spaces.build("depth", s, SEQ, built.windows).priors()["residual_ratio"]
+    finally:
+        with torch.no_grad():
+            down.copy_(saved)
+    assert zeroed[3] == 0.0 and zeroed[:3] == pytest.approx(ratios[:3])
+    assert spaces.build("depth", s, SEQ, None).priors() == {}

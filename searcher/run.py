@@ -587,7 +587,10 @@ def _report(
     engine, full, info = searched.engine, plan.full, searched.info
     best = engine.best()
     if best is None:
-        raise SearcherError("the search scored no candidate at full fidelity: raise --evals")
+        raise SearcherError(
+            f"the search scored no candidate at full fidelity within --evals "
+            f"{engine.max_windows / full:g} (a full-fidelity evaluation counts 1): raise --evals"
+        )
     with timings.phase("validation"):
         on_phase("validating best")
         validation = _validation(loaded, best)

@@ -136,8 +136,8 @@ def test_infeasible_budget_is_one_line(tiny_dir: Path, tmp_path: Path, capsys) -
 
 def test_evals_too_few_for_one_full_evaluation(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     """--evals is a hard cap: below one full-fidelity evaluation nothing can be the result."""
-    code, _, err = run_cli(["run", "--model", str(tiny_dir), "--budget", "flops=0.6",
-                            "--out", str(tmp_path / "x"), *TINY, "--evals", "0.5"], capsys)  # fmt: skip
+    args = ["run", "--model", str(tiny_dir), "--budget", "flops=0.6", "--out", str(tmp_path)]
+    code, _, err = run_cli([*args, *TINY, "--evals", "0.5"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "within --evals 0.5" in err and "raise --evals" in err
 

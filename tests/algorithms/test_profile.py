@@ -225,14 +225,17 @@ def test_split_charges_each_gene_its_share_of_its_layer() -> None:
 
 def test_the_default_start_adds_the_split_solution_where_the_space_has_the_prior() -> None:
     plain = layered("flops=0.7")
-    with_prior = dataclasses.replace(plain, priors={"residual_ratio": [0.1, 1.0] * 3})
     starts = {}
-    for name, p in (("plain", plain), ("prior", with_prior)):
+    for name, prior in (("plain", None), ("first", [0.1, 1.0] * 3), ("second", [1.0, 0.1] * 3)):
+        p = plain if prior is None else dataclasses.replace(plain, priors={"residual_ratio": prior})
         seed = ProfileSeed.configure(p, 0, 2, {**SETTINGS, "evals": 12.0})
         assert any(len(g) > 1 for x in seed.profiles for g in x.groups)  # a per-layer profile
         Engine(p, seed, FakePool(), max_evals=12.0).run()
-        assert seed.done and p.feasible(seed.chosen)
+        assert seed.done and p.feasible(seed.chosen) and seed.chosen in seed.starts
         starts[name] = seed.starts
-    solved = starts["prior"][len(starts["plain"]) :]
-    assert starts["prior"][: len(starts["plain"])] == starts["plain"]
-    assert len(solved) <= 1  # the split solution, when it is new
+    n = len(starts["plain"])
+    for name in ("first", "second"):  # the same starts, then the split solution
+        assert starts[name][:n] == starts["plain"] and len(starts[name]) == n + 1
+    # a small share makes a gene cheap to lower: the split lowers the genes the prior spares
+    first, second = starts["first"][-1], starts["second"][-1]
+    assert sum(first[0::2]) < sum(second[0::2]) and sum(second[1::2]) < sum(first[1::2])

@@ -31,9 +31,7 @@ class DepthSpace(SearchSpace):
         """``windows``: calibration tokens for the blocks' residual ratios (a prior for the
         default search's start; none without them)."""
         super().__init__(structure, seq_len)
-        self._ratios = (
-            residual_ratios(structure, windows, batch_size) if windows is not None else []
-        )
+        self._ratios = [] if windows is None else residual_ratios(structure, windows, batch_size)
         self.genes = tuple(
             Gene(layer.name(block.name), block.kind, (False, True), (0.0, 1.0))
             for layer in structure.layers
@@ -66,9 +64,7 @@ class DepthSpace(SearchSpace):
     def priors(self) -> dict[str, Any]:
         """``residual_ratio``: per gene, how much its block changes the residual stream on
         calibration tokens (``residual_ratios``)."""
-        if not self._ratios:
-            return {}
-        return {"residual_ratio": [r for pair in self._ratios for r in pair]}
+        return {"residual_ratio": self._ratios} if self._ratios else {}
 
     def describe(self, candidate: Sequence[int]) -> dict[str, dict[str, Any]]:
         return {g.name: {"kept": bool(g.values[level])} for g, level in zip(self.genes, candidate)}

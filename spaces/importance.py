@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,25 +37,33 @@ def input_statistics(
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    for _ in forward_batches(model, windows, batch_size, handles):
+        pass
+    return {n: {"mean_abs": s["abs"] / s["n"], "l2": s["sq"].sqrt()} for n, s in sums.items()}
+
+
+def forward_batches(
+    model: nn.Module, windows: torch.Tensor, batch_size: int, handles: list
+) -> Iterator[None]:
+    """Run the model over ``windows`` in batches (no gradients, no KV cache), yielding after
+    each so that hooks' findings can be read; the hooks' ``handles`` are removed at the end,
+    whatever happens."""
     device = next(model.parameters()).device
     try:
         with torch.inference_mode():
             for start in range(0, len(windows), batch_size):
                 model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+                yield
     finally:
         for h in handles:
             h.remove()
-    return {n: {"mean_abs": s["abs"] / s["n"], "l2": s["sq"].sqrt()} for n, s in sums.items()}
 
 
-def residual_ratios(
-    structure: Structure, windows: torch.Tensor, batch_size: int
-) -> list[tuple[float, float]]:
-    """Per decoder layer, how much its attention and its MLP block change the residual
-    stream: the mean over tokens of the block output's norm over the norm of the stream it
-    is added to (the layer's input for attention, that plus attention's output for the MLP;
-    for parallel-residual families an approximation)."""
-    s = structure
+def residual_ratios(structure: Structure, windows: torch.Tensor, batch_size: int) -> list[float]:
+    """Per block (each layer's attention, then its MLP: the depth space's gene order), how
+    much it changes the residual stream: the mean over tokens of the block output's norm over
+    the norm of the stream it is added to (the layer's input for attention, that plus
+    attention's output for the MLP; for parallel-residual families an approximation)."""
     found: dict[tuple[int, str], torch.Tensor] = {}
     sums = torch.zeros(len(structure.layers), 2, dtype=torch.float64)
     count = 0
@@ -83,20 +91,12 @@ def residual_ratios(
             # post-norm), in every family's layout
             module = layer.module.get_submodule(layer.block(kind).score)
             handles.append(module.register_forward_hook(block_output(layer.index, kind)))
-    model = structure.model
-    device = next(model.parameters()).device
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(windows), batch_size):
-                found.clear()
-                model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
-                for i in range(len(structure.layers)):
-                    # per token (some families' MLPs see the tokens flattened)
-                    x, a, m = (found[(i, k)].reshape(-1, s.hidden) for k in ("in", "attn", "mlp"))
-                    sums[i, 0] += (a.norm(dim=-1) / x.norm(dim=-1)).sum().double()
-                    sums[i, 1] += (m.norm(dim=-1) / (x + a).norm(dim=-1)).sum().double()
-                count += len(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return [(float(a), float(m)) for a, m in (sums / max(count, 1)).tolist()]
+    for _ in forward_batches(structure.model, windows, batch_size, handles):
+        for i in range(len(structure.layers)):
+            # per token (some families' MLPs see the tokens flattened)
+            x, a, m = (found[(i, k)].reshape(-1, structure.hidden) for k in ("in", "attn", "mlp"))
+            sums[i, 0] += (a.norm(dim=-1) / x.norm(dim=-1)).sum().double()
+            sums[i, 1] += (m.norm(dim=-1) / (x + a).norm(dim=-1)).sum().double()
+        count += len(found[(0, "in")].reshape(-1, structure.hidden))
+        found.clear()
+    return (sums / max(count, 1)).flatten().tolist()

@@ -26,7 +26,7 @@ from typing import ClassVar
 import numpy as np
 
 from searcher.algorithms.base import Algorithm, Request, Result
-from searcher.algorithms.profile import Profile, plan
+from searcher.algorithms.profile import SPLIT_EXPONENTS, Profile, plan
 from searcher.algorithms.stages import first_stage_windows
 from searcher.errors import SearcherError
 from searcher.problem import Candidate, Problem
@@ -205,11 +205,12 @@ class ProfileSeed(OneShot):
 
     Each profile's knapsack is solved twice, with the errors between scored levels on
     straight lines and on a power law (``profile.curve``), and where the space gives a
-    ``residual_ratio`` prior (depth) a per-layer profile once more with its errors split
-    among the layer's blocks (``Profile.split``); every solution is scored on all windows
-    and the best one starts evo. Profiles too big for ``--evals`` score fewer
-    options, never refused; either way the start is scored on all windows, so even a run
-    too short for one generation of evo ends with a result."""
+    ``residual_ratio`` prior (depth) a per-layer profile once more for each of
+    ``SPLIT_EXPONENTS``, its errors split among the layer's blocks (``Profile.split``);
+    every solution is scored on all windows and the best one starts evo. Profiles too
+    big for ``--evals`` score fewer options, never refused; either way the start is
+    scored on all windows, so even a run too short for one generation of evo ends with a
+    result."""
 
     name = "profile"
     SHAPES = ("power", "linear")
@@ -250,9 +251,10 @@ class ProfileSeed(OneShot):
             shares = self.problem.priors.get("residual_ratio")
             if shares is not None:  # per-layer profiles, their errors split among the blocks
                 found += [
-                    p.split(self.scores, shares)
+                    p.split(self.scores, shares, exponent)
                     for p in self.profiles
                     if any(len(genes) > 1 for genes in p.groups)
+                    for exponent in SPLIT_EXPONENTS
                 ]
             for c in found or [self.problem.uniform()]:
                 c = self.problem.to_budget(c, self.rng)

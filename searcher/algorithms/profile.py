@@ -29,6 +29,8 @@ from searcher.problem import Candidate, Problem
 LEVELS = (6, 5, 4, 3, 2, 1)  # options scored per layer, the most that fit
 STEP = 0.125  # kept fraction between scored options, and from the lowest to uniform
 SHARE = 0.6  # of --evals at most for the profile; the rest refines its solution (evo)
+# exponents of the prior in ``Profile.split``: each gives one more start (see there)
+SPLIT_EXPONENTS = (0.5, 1.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -118,19 +120,26 @@ class Profile:
         return self._least(self.options, errors, bins)
 
     def split(
-        self, scores: dict[Candidate, float], shares: Sequence[float], bins: int = 4000
-    ) -> Candidate:
+        self, scores: dict[Candidate, float], shares: Sequence[float], exponent: float = 1.0,
+        bins: int = 4000,
+    ) -> Candidate:  # fmt: skip
         """The allocation with the least summed error when each group's error is shared
-        among its genes in proportion to ``shares`` (a prior per gene; ``split_errors``).
+        among its genes in proportion to ``shares ** exponent`` (a prior per gene;
+        ``split_errors``).
 
         Lowering a whole layer tells what the layer is worth, not which of its blocks to
-        lower; a cheap prior splits it. On SmolLM2 (depth, one window per layer, the split
-        by ``residual_ratio``) this start scored KL 5.44 at flops 0.5 against the per-layer
-        solution's 7.21 and the full per-block profile's 5.49 (twice the evaluations); at
-        75% of blocks 1.33 against the per-layer solution's 1.08 (and 1.02 with a prior
-        from one window instead of four, correlated 0.99997: which blocks it drops there is
-        a knife-edge). So it is one more start beside the others, not a replacement."""
-        return self._least(*self.split_errors(scores, shares), bins)
+        lower; a cheap prior splits it. How sharply is a matter of the budget, so the
+        default start tries exponents 0.5, 1 and 2 (``SPLIT_EXPONENTS``): a block's residual
+        ratio is how far it moves the residual stream, and KL grows with the square of a
+        small move (exponent 2), but the shares are a coarse guess. On SmolLM2 (depth, one
+        window per layer, ``residual_ratio``; calibration / validation KL) at flops 0.5 the
+        exponents 0.5, 1, 2 scored 5.44/5.68, 5.44/5.68 and 4.96/4.91 against the per-layer
+        solution's 7.21/5.69 and the per-block profile's 5.49/5.21 (twice the evaluations);
+        at 75% of blocks 1.02/1.00, 1.33/1.25 and 3.19/3.21 against the per-layer
+        solution's 1.08/1.10. No one exponent (nor the per-layer solution) wins both, so
+        each is one more start beside the others."""
+        weights = [float(s) ** exponent for s in shares]
+        return self._least(*self.split_errors(scores, weights), bins)
 
     def split_errors(
         self, scores: dict[Candidate, float], shares: Sequence[float]

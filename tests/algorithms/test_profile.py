@@ -9,7 +9,15 @@ import pytest
 
 from searcher.algorithms.allocations import ProfileSeed
 from searcher.algorithms.evolution import Evolution
-from searcher.algorithms.profile import Profile, curve, knapsack, plan, sized, spaced_picks
+from searcher.algorithms.profile import (
+    SPLIT_EXPONENTS,
+    Profile,
+    curve,
+    knapsack,
+    plan,
+    sized,
+    spaced_picks,
+)
 from searcher.engine import Engine
 from tests.algorithms.test_allocations import (
     N_LEVELS,
@@ -234,8 +242,27 @@ def test_the_default_start_adds_the_split_solution_where_the_space_has_the_prior
         assert seed.done and p.feasible(seed.chosen) and seed.chosen in seed.starts
         starts[name] = seed.starts
     n = len(starts["plain"])
-    for name in ("first", "second"):  # the same starts, then the split solution
-        assert starts[name][:n] == starts["plain"] and len(starts[name]) == n + 1
+    for name in ("first", "second"):  # the same starts, then the split solutions
+        assert starts[name][:n] == starts["plain"]
+        assert 1 <= len(starts[name]) - n <= len(SPLIT_EXPONENTS)
     # a small share makes a gene cheap to lower: the split lowers the genes the prior spares
-    first, second = starts["first"][-1], starts["second"][-1]
-    assert sum(first[0::2]) < sum(second[0::2]) and sum(second[1::2]) < sum(first[1::2])
+    for first in starts["first"][n:]:
+        for second in starts["second"][n:]:
+            assert sum(first[0::2]) < sum(second[0::2]) and sum(second[1::2]) < sum(first[1::2])
+
+
+def test_a_sharper_split_charges_the_larger_share_more() -> None:
+    """``exponent`` sharpens the prior: with shares 1 and 2 in every layer, exponent 2
+    charges the second gene 4/5 of its layer's error where exponent 1 charges it 2/3."""
+    p = layered("flops=0.8")
+    prof = sized(p, ((0, 1), (2, 3), (4, 5)), 2, windows=1)
+    scores = {c: additive_kl(c) for c in prof.candidates()}
+    shares = (1.0, 2.0) * 3
+    _, linear = prof.split_errors(scores, shares)
+    _, square = prof.split_errors(scores, [s**2 for s in shares])
+    for g in range(6):
+        known = np.isfinite(linear[g]) & (linear[g] > 0)
+        want = (0.8 / (2 / 3) if g % 2 else 0.2 / (1 / 3)) * linear[g][known]
+        assert square[g][known] == pytest.approx(want)
+    for exponent in SPLIT_EXPONENTS:
+        assert p.feasible(prof.split(scores, shares, exponent))

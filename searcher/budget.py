@@ -13,6 +13,8 @@ from searcher.errors import SearcherError
 KEYS: dict[str, tuple[str, bool]] = {
     "flops": ("flops", True),
     "params": ("params", True),
+    # mixture of experts: parameters a token uses (the routed experts it skips left out)
+    "active_params": ("active_params", True),
     "sparsity": ("nonzero", False),
     "latency": ("latency", True),
     "blocks": ("blocks", True),  # depth: the share of attention and MLP blocks kept

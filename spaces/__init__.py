@@ -15,6 +15,7 @@ import torch
 from searcher.errors import SearcherError
 from spaces.base import Gene, SearchSpace
 from spaces.depth import DepthSpace
+from spaces.experts import ExpertsSpace
 from spaces.joint import JointSpace
 from spaces.sparsity import SparsitySpace
 from spaces.structure import Structure
@@ -25,6 +26,7 @@ SPACES: dict[str, type[SearchSpace]] = {
     "depth": DepthSpace,
     "sparsity": SparsitySpace,
     "joint": JointSpace,
+    "experts": ExpertsSpace,
 }
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from latency_models.analytic import attention_score_flops, linear_flops
 from latency_models.latency_table import Block
 from latency_models.table import CostTable
+from searcher.errors import SearcherError
 from spaces.structure import Layer, Structure
 
 
@@ -101,6 +102,15 @@ class SearchSpace(ABC):
         return pruned
 
 
+def refuse_moe(structure: Structure, space: str) -> None:
+    """A one-line refusal of a mixture-of-experts model in a space that does not prune one."""
+    if structure.moe:
+        raise SearcherError(
+            f"the {space} space does not prune mixture-of-experts models yet: use --space "
+            "experts (experts per layer) or depth"
+        )
+
+
 def dense_blocks(structure: Structure) -> list[Block]:
     s = structure
     return [b for _ in s.layers for b in (("attn", s.kv_heads), ("mlp", s.intermediate))]
@@ -117,53 +127,81 @@ def digest(*parts: Any) -> str:
 
 
 def fixed_costs(structure: Structure, seq_len: int) -> dict[str, float]:
-    """Costs no space changes: LM head FLOPs; embedding, head and norm parameters."""
+    """Costs no space changes: LM head FLOPs; embedding, head and norm parameters (all of them
+    active: ``active_params`` counts what a token uses, bar the routed experts it skips)."""
     s = structure
-    return {
-        "flops": linear_flops(seq_len, s.hidden, s.vocab),
-        "params": s.fixed_params(),
-    }
+    out = {"flops": linear_flops(seq_len, s.hidden, s.vocab), "params": s.fixed_params()}
+    if s.moe:
+        out["active_params"] = s.fixed_params()
+    return out
 
 
-def block_costs(structure: Structure, layer: Layer, kind: str, units: int, seq_len: int):
-    """FLOPs and params of one layer's block keeping ``units`` KV groups or neurons (0: the
-    block is removed), counted from the family's slabs: every matmul weight costs 2 FLOPs
-    per element per token, and attention its scores."""
+def block_costs(
+    structure: Structure, layer: Layer, kind: str, units: int | None, seq_len: int,
+    experts: int | None = None,
+) -> tuple[float, float, float]:  # fmt: skip
+    """FLOPs, parameters and active parameters of one layer's block keeping ``units`` KV groups
+    or neurons (None: the dense block's; 0: the block is removed) and, in a MoE block,
+    ``experts`` routed experts (None: all). Counted from the family's layout: every matmul
+    weight costs 2 FLOPs per element per token, attention its scores; of the routed experts'
+    tensors a token runs top-k of the experts kept, so their FLOPs and active parameters are
+    that share of their size, their parameters all of it."""
     block = layer.block(kind)
-    params = flops = 0
-    for slab in block.slabs:
-        shape = list(layer.sizes[slab.tensor])
-        shape[slab.axis] = slab.size(units)
+    units = block.units if units is None else units
+    moe = block.experts
+    kept = (moe.count if experts is None else experts) if moe else 0
+    runs = min(moe.top_k, kept) if moe else 0  # experts a token runs
+    per_expert = set(moe.tensors + moe.router) if moe else set()
+    slabs = {slab.tensor: slab for slab in block.slabs}
+    params = active = flops = 0.0
+    for path in block.tensors if units else slabs:
+        shape = list(layer.sizes[path])
+        slab = slabs.get(path)
+        if slab is not None:
+            shape[slab.axis] = slab.size(units)
+        if path in per_expert:
+            shape[0] = kept
         n = math.prod(shape)
+        used = n // kept * runs if moe and path in moe.tensors else n  # exact: n = kept * each
         params += n
-        flops += 2 * seq_len * n if slab.matmul else 0
-    if units:
-        params += sum(math.prod(layer.sizes[path]) for path in block.owned)
+        active += used
+        if slab.matmul if slab is not None else path in block.matmuls:
+            flops += 2 * seq_len * used
     if kind == "attn":
         s = structure
         flops += attention_score_flops(1, seq_len, units * s.group_size, s.head_dim)
-    return flops, params
+    return flops, params, active
 
 
 def block_tables(
     structure: Structure,
     seq_len: int,
-    levels: dict[str, Sequence[int]],
+    levels: dict[str, Sequence[int | None]],
     order: Sequence[tuple[str, int]],
 ) -> dict[str, CostTable]:
     """Cost tables for spaces whose genes are whole attention / MLP blocks.
 
     ``order`` lists the genes as ("attn" | "mlp", layer index); ``levels[kind]`` gives the
-    KV groups / neurons kept at each level of a gene of that kind.
+    KV groups / neurons kept at each level of a gene of that kind (None: the dense block's).
     """
     fixed = fixed_costs(structure, seq_len)
-    flops, params = [], []
-    for kind, i in order:
-        layer = structure.layers[i]
-        rows = [block_costs(structure, layer, kind, u, seq_len) for u in levels[kind]]
-        flops.append([f for f, _ in rows])
-        params.append([p for _, p in rows])
+    rows: list[list[tuple[float, float, float]]] = [
+        [block_costs(structure, structure.layers[i], kind, u, seq_len) for u in levels[kind]]
+        for kind, i in order
+    ]
+    return cost_tables(fixed, rows)
+
+
+METRICS = ("flops", "params", "active_params")  # block_costs' order
+
+
+def cost_tables(
+    fixed: dict[str, float], rows: Sequence[Sequence[tuple[float, float, float]]]
+) -> dict[str, CostTable]:
+    """Tables of the metrics ``fixed`` has, from per gene and level (flops, params, active
+    params) as ``block_costs`` gives them."""
     return {
-        "flops": CostTable.build("flops", fixed["flops"], flops),
-        "params": CostTable.build("params", fixed["params"], params),
+        metric: CostTable.build(metric, fixed[metric], [[row[m] for row in gene] for gene in rows])
+        for m, metric in enumerate(METRICS)
+        if metric in fixed
     }

@@ -49,7 +49,7 @@ class DepthSpace(SearchSpace):
 
     def cost_tables(self) -> dict[str, CostTable]:
         s = self.structure
-        levels = {"attn": (0, s.kv_heads), "mlp": (0, s.intermediate)}
+        levels = {"attn": (0, None), "mlp": (0, None)}  # None: each block's dense units
         order = [(g.kind, i // 2) for i, g in enumerate(self.genes)]
         tables = block_tables(s, self.seq_len, levels, order)
         tables["blocks"] = CostTable.build("blocks", 0.0, [[0.0, 1.0]] * len(self.genes))

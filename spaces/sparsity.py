@@ -27,7 +27,15 @@ from torch import nn
 from latency_models.table import CostTable
 from searcher.checkpoint import CheckpointTensors
 from searcher.families.base import in_axis
-from spaces.base import Block, Gene, SearchSpace, block_costs, dense_blocks, fixed_costs
+from spaces.base import (
+    Block,
+    Gene,
+    SearchSpace,
+    block_costs,
+    dense_blocks,
+    fixed_costs,
+    refuse_moe,
+)
 from spaces.importance import input_statistics
 from spaces.structure import Structure
 
@@ -53,6 +61,7 @@ class SparsitySpace(SearchSpace):
         max_sparsity: float = 0.9,
     ) -> None:
         super().__init__(structure, seq_len)
+        refuse_moe(structure, self.name)
         if not 0 < step <= max_sparsity < 1:
             raise ValueError("need 0 < step <= max_sparsity < 1")
         n = int(max_sparsity / step + 1e-9)
@@ -178,7 +187,7 @@ class SparsitySpace(SearchSpace):
         s = self.structure
         fixed = fixed_costs(s, self.seq_len)
         dense = [
-            block_costs(s, layer, kind, s.units(kind), self.seq_len)
+            block_costs(s, layer, kind, None, self.seq_len)[:2]
             for layer in s.layers
             for kind in ("attn", "mlp")
         ]

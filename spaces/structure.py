@@ -57,13 +57,16 @@ class Structure:
         family = family_of(model)
         shapes = family.shapes(model)
         modules = list(family.decoder_layers(model))
-        attn, mlp = (_layout(family, kind, shapes, modules) for kind in ("attn", "mlp"))
+        first = {kind: _layout(family, kind, shapes, modules) for kind in ("attn", "mlp")}
         prefix = family.layers_path
-        layers = [Layer(i, f"{prefix}.{i}", m, attn, mlp) for i, m in enumerate(modules)]
+        layers = [
+            Layer(i, f"{prefix}.{i}", m, *(_own(family, k, shapes, m, first[k]) for k in first))
+            for i, m in enumerate(modules)
+        ]
         owned: set[int] = set()
         for layer in layers:
             for block in (layer.attn, layer.mlp):
-                for path in [*(s.tensor for s in block.slabs), *block.owned]:
+                for path in block.tensors:
                     try:
                         t = layer.tensor(path)
                     except AttributeError:  # a pruned model without this layer's block
@@ -86,6 +89,11 @@ class Structure:
     def units(self, kind: str) -> int:
         return self.kv_heads if kind == "attn" else self.intermediate
 
+    @property
+    def moe(self) -> bool:
+        """Whether some layer routes tokens to experts."""
+        return any(layer.mlp.experts is not None for layer in self.layers)
+
     def drop(self, layer: Layer, kind: str) -> None:
         if kind not in layer._removed:
             layer._removed[kind] = self.family.drop(layer.module, layer.block(kind))
@@ -97,6 +105,17 @@ class Structure:
     def fixed_params(self) -> int:
         """Parameters no block owns: embeddings, LM head (unless tied), the layers' norms."""
         return self.fixed
+
+
+def _own(
+    family: Family, kind: str, shapes: Shapes, module: nn.Module, first: BlockLayout
+) -> BlockLayout:
+    """A layer's own layout of a block (layers may differ: dense and MoE MLPs in one model),
+    or ``first`` (another layer's) where this layer's block was removed."""
+    try:
+        return family.block(kind, shapes, module)
+    except AttributeError:
+        return first
 
 
 def _layout(family: Family, kind: str, shapes: Shapes, modules: list[nn.Module]) -> BlockLayout:

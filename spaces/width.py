@@ -25,7 +25,7 @@ import torch
 from latency_models.table import CostTable
 from searcher.families import BlockLayout
 from searcher.families.base import in_axis
-from spaces.base import Block, Gene, SearchSpace, block_tables, digest
+from spaces.base import Block, Gene, SearchSpace, block_tables, digest, refuse_moe
 from spaces.importance import input_statistics
 from spaces.structure import Layer, Structure
 
@@ -44,6 +44,7 @@ class WidthSpace(SearchSpace):
         attn_min_groups: int = 1,
     ) -> None:
         super().__init__(structure, seq_len)
+        refuse_moe(structure, self.name)
         s = structure
         if not 1 <= mlp_min_steps <= mlp_steps:
             raise ValueError("mlp_min_steps must lie in [1, mlp_steps]")

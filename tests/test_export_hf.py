@@ -138,12 +138,19 @@ def exported(tmp_path_factory) -> dict:
             if info["remote_code"]
             else None,
         }
+    result = load_without_searcher(root, [c["dir"] for c in cases.values()], ids)
+    return {"cases": cases, "result": result}
+
+
+def load_without_searcher(root: Path, dirs: list[str], ids: torch.Tensor) -> dict:
+    """``LOADER`` run on ``dirs`` by one subprocess (``python -I -S``, only site-packages on
+    its path), offline, with ``root`` as its working directory and HF_HOME: what it found."""
     args = {
         "site": sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")}),
         "ids": ids.tolist(),
         "prompt": PROMPT,
         "new": NEW,
-        "dirs": [c["dir"] for c in cases.values()],
+        "dirs": dirs,
     }
     (root / "args.json").write_text(json.dumps(args))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
@@ -153,8 +160,7 @@ def exported(tmp_path_factory) -> dict:
         cwd=root, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((root / "out.json").read_text())
-    return {"cases": cases, "result": result}
+    return json.loads((root / "out.json").read_text())
 
 
 @pytest.mark.parametrize(("model_type", "space_name"), CASES, ids=[_name(*c) for c in CASES])

@@ -130,6 +130,25 @@ CONFIGS: dict[str, Callable[[], object]] = {
         tie_word_embeddings=True,
     ),  # fmt: skip
 }
+# mixture-of-experts families (tests/test_moe.py: the spaces that prune them): 6 experts, top 2;
+# Qwen2-MoE with a shared expert and a dense MLP in layer 1
+MOE = dict(GQA, head_dim=16, num_experts_per_tok=2)
+MOE_CONFIGS: dict[str, Callable[[], object]] = {
+    "mixtral": _config("mixtral", **{**MOE, "intermediate_size": 32}, num_local_experts=6),
+    "qwen2_moe": _config(
+        "qwen2_moe",
+        **MOE,
+        num_experts=6,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        mlp_only_layers=[1],
+        tie_word_embeddings=True,
+    ),  # fmt: skip
+    "qwen3_moe": _config(
+        "qwen3_moe", **MOE, num_experts=6, moe_intermediate_size=32, norm_topk_prob=True
+    ),  # fmt: skip
+    "olmoe": _config("olmoe", **{**MOE, "intermediate_size": 32}, num_experts=6, eos_token_id=1),
+}
 # one model type per family module: the whole command-line search and export
 SEARCHED = {"llama", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "opt", "falcon"}
 OPTIONS = {"width": {"mlp_steps": 4}, "depth": {}, "sparsity": {"step": 0.25, "max_sparsity": 0.75},
@@ -142,18 +161,19 @@ def build(model_type: str, seed: int = 0) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = CONFIGS[model_type]()
+    config = {**CONFIGS, **MOE_CONFIGS}[model_type]()
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():  # larger weights than the default init, so pruning visibly hurts
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # matrices, and MoE experts' stacked matrices
                 p.normal_(0, 0.15)
     return model.eval().requires_grad_(False)
 
 
 def test_every_registered_model_type_is_tested() -> None:
-    assert {name.split(":")[0] for name in CONFIGS} == set(MODEL_TYPES)
-    assert {MODEL_TYPES[t.split(":")[0]].name for t in SEARCHED} == set(FAMILIES)
+    assert {name.split(":")[0] for name in [*CONFIGS, *MOE_CONFIGS]} == set(MODEL_TYPES)
+    searched = [*SEARCHED, *MOE_CONFIGS]
+    assert {MODEL_TYPES[t.split(":")[0]].name for t in searched} == set(FAMILIES)
 
 
 def _windows(n: int = 4) -> torch.Tensor:

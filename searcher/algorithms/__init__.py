@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from searcher.algorithms.allocations import FLAP, OWL, SEEDS, Additive
+from searcher.algorithms.allocations import FLAP, OWL, SEEDS, Additive, ExpertFrequency
 from searcher.algorithms.base import Algorithm, Request, Result
 from searcher.algorithms.baselines import RandomSearch, Uniform
 from searcher.algorithms.evolution import Evolution
@@ -21,6 +21,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "pymoo-nsga2": PymooNSGA2,
     "owl": OWL,
     "flap": FLAP,
+    "frequency": ExpertFrequency,
     "additive": Additive,
 }
 

@@ -10,6 +10,8 @@
   neuron has the space's activation-aware score; scores are standardised within each layer's
   attention and MLP (as FLAP does) and one global threshold keeps the units above it, the
   lowest threshold that meets the budget.
+- ``frequency``: for the ``experts`` space, the usual expert-pruning rule: drop the
+  least-routed experts model-wide (one global threshold on routing frequency).
 - ``additive``: scores each gene's levels alone (the rest of the model dense), assumes the
   errors add up, and solves the budgeted allocation exactly by dynamic programming (a
   multiple-choice knapsack over the first budgeted metric). This is the error-additivity
@@ -135,6 +137,22 @@ class FLAP(OneShot):
             else:
                 lo = mid + 1
         return self.allocation(z, thresholds[lo])
+
+
+class ExpertFrequency(FLAP):
+    """The usual expert-pruning heuristic: drop the least-routed experts model-wide. One
+    global threshold on routing frequency (the share of calibration tokens the router sends
+    to an expert: comparable across layers, as every layer routes every token to its top k)
+    keeps the experts above it, the lowest threshold that meets the budget. With the experts
+    space's ``order=frequency`` the experts kept are exactly the most-routed ones; with its
+    default order each layer keeps as many, ranked by contribution."""
+
+    name = "frequency"
+    needs = "expert_frequency"
+    spaces = "experts"
+
+    def standardised(self) -> list[np.ndarray]:
+        return [np.asarray(f, dtype=float) for f in self.problem.priors["expert_frequency"]]
 
 
 class Additive(OneShot):

@@ -33,7 +33,7 @@ from torch import nn
 from searcher.errors import SearcherError
 from searcher.export.modeling_searcher_pruned import KEY  # what differs from the dense model
 from searcher.families import family_for
-from searcher.families.base import is_removed, resize_to, units_of
+from searcher.families.base import experts_of, is_removed, keep_experts, resize_to, units_of
 from spaces.structure import Structure
 
 FORMAT = "searcher-pruned/1"
@@ -45,7 +45,9 @@ MODE = 0o644
 
 
 def layer_shapes(model: nn.Module) -> list[dict[str, int]]:
-    """Per decoder layer: query heads, KV heads and MLP neurons (0: the block is removed)."""
+    """Per decoder layer: query heads, KV heads and MLP neurons (0: the block is removed); in
+    a mixture-of-experts layer the MLP neurons are each routed expert's, and ``num_experts``
+    counts the routed experts it keeps."""
     s = Structure.of(model)
     out = []
     for layer in s.layers:
@@ -55,13 +57,14 @@ def layer_shapes(model: nn.Module) -> list[dict[str, int]]:
             else units_of(layer.module, block)
             for block in (layer.attn, layer.mlp)
         )
-        out.append(
-            {
-                "num_heads": groups * s.group_size,
-                "num_key_value_heads": groups,
-                "intermediate_size": neurons,
-            }
-        )
+        shape = {
+            "num_heads": groups * s.group_size,
+            "num_key_value_heads": groups,
+            "intermediate_size": neurons,
+        }
+        if layer.mlp.experts is not None:
+            shape["num_experts"] = experts_of(layer.module, layer.mlp) if neurons else 0
+        out.append(shape)
     return out
 
 
@@ -93,8 +96,9 @@ def save_pruned(model: nn.Module, out: Path, header: dict[str, Any]) -> dict[str
     if uniform(shapes):
         first = shapes[0]
         hf_cfg = s.family.config_for(
-            cfg, s.shapes, first["num_key_value_heads"], first["intermediate_size"]
-        )
+            cfg, s.shapes, first["num_key_value_heads"], first["intermediate_size"],
+            experts=first.get("num_experts"),
+        )  # fmt: skip
     remote = hf_cfg is None
     code = out / MODELING
     if remote:
@@ -285,8 +289,12 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
         ):  # fmt: skip
             if units == 0:
                 s.drop(layer, kind)
-            elif units != s.units(kind):
+            elif units != layer.block(kind).units:
                 resize_to(s.family, layer.module, layer.block(kind), units, s.shapes)
+        moe = layer.mlp.experts
+        count = shape.get("num_experts")
+        if shape["intermediate_size"] and moe is not None and count not in (None, moe.count):
+            keep_experts(s.family, layer.module, layer.mlp, count)
     model.tie_weights()  # before loading: a tied head is stored once, under one name
     try:
         missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
@@ -302,6 +310,7 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modu
 
 
 SHAPE_KEYS = ("num_heads", "num_key_value_heads", "intermediate_size")
+MOE_KEY = "num_experts"  # a mixture-of-experts layer's shapes have it too
 
 
 def _shapes(layers: Any) -> list[dict[str, int]]:
@@ -309,7 +318,8 @@ def _shapes(layers: Any) -> list[dict[str, int]]:
     if not isinstance(layers, list) or not layers:
         raise ValueError(f"'layers' is not a list of layer shapes: {layers!r:.80}")
     for i, shape in enumerate(layers):
-        if not isinstance(shape, dict) or sorted(shape) != sorted(SHAPE_KEYS):
+        keys = sorted(shape) if isinstance(shape, dict) else None
+        if keys not in (sorted(SHAPE_KEYS), sorted((*SHAPE_KEYS, MOE_KEY))):
             raise ValueError(f"layer {i}: not a dict of {', '.join(SHAPE_KEYS)}: {shape!r:.80}")
         for key, value in shape.items():
             if type(value) is not int or value < 0:
@@ -367,8 +377,9 @@ def _load_reshaped(
     for i, (built, recorded) in enumerate(zip(got, shapes)):
         if built != recorded:
             differ = ", ".join(
-                f"{k} {built[k]} vs {recorded[k]}" for k in SHAPE_KEYS if built[k] != recorded[k]
-            )
+                f"{k} {built.get(k)} vs {recorded.get(k)}"
+                for k in sorted({*built, *recorded}) if built.get(k) != recorded.get(k)
+            )  # fmt: skip
             raise SearcherError(
                 f"{path}: layer {i} as {HF_CONFIG} builds it differs from {CONFIG} ({differ})"
             )

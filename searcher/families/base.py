@@ -54,18 +54,42 @@ class Slab:
 
 
 @dataclass(frozen=True)
+class Experts:
+    """A mixture-of-experts block's routed experts. Axis 0 of each of ``tensors`` (the experts'
+    fused weights and biases) and of ``router`` (the router's weight and bias) indexes the
+    experts; a token runs the router whole and ``top_k`` of the experts."""
+
+    count: int  # routed experts in the dense model
+    top_k: int
+    renormalised: bool  # the top-k weights are divided by their sum (else softmax as it is)
+    tensors: tuple[str, ...]
+    router: tuple[str, ...]
+    module: str  # the experts module: module(x, top_k_index, top_k_weights) -> output
+    gate: str  # the router module: gate(x) -> (logits, top-k weights, top-k indices)
+
+
+@dataclass(frozen=True)
 class BlockLayout:
     """One block of a decoder layer: what removing it replaces, its units and their tensors."""
 
     kind: str  # "attn" or "mlp"
     name: str  # the block's module path relative to the layer (what a gene is named after)
-    units: int  # KV groups or neurons in the dense model
+    units: int  # KV groups or neurons in the dense model (a MoE block: each expert's neurons)
     slabs: tuple[Slab, ...]
     score: str  # the module whose input features are the units' (the block's output projection)
     owned: tuple[str, ...] = ()  # other parameters that go with the block (output bias, norms)
+    # weights the block multiplies every token by whole, whatever its units (a MoE router,
+    # a shared expert): parameters and FLOPs while the block is kept
+    matmuls: tuple[str, ...] = ()
+    experts: Experts | None = None  # a mixture-of-experts block's routed experts
 
     def slab(self, tensor: str) -> Slab:
         return next(s for s in self.slabs if s.tensor == tensor)
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """Every parameter the block owns, as paths relative to the layer."""
+        return (*(s.tensor for s in self.slabs), *self.owned, *self.matmuls)
 
     @property
     def score_slab(self) -> Slab:
@@ -195,6 +219,19 @@ class Family:
     def is_dropped(self, layer: nn.Module, block: BlockLayout) -> bool:
         return is_removed(layer.get_submodule(block.name))
 
+    def set_experts(self, layer: nn.Module, block: BlockLayout, count: int) -> None:
+        """Keep the attributes that size a MoE block's routing in step with ``count`` kept
+        experts (their tensors already cut to it): the router and the experts module count
+        them, and top-k is at most the experts kept (``torch.topk`` needs as many)."""
+        moe = block.experts
+        assert moe is not None
+        for path in (moe.module, moe.gate):
+            layer.get_submodule(path).num_experts = count
+        for path in (moe.gate, block.name):
+            module = layer.get_submodule(path)
+            if hasattr(module, "top_k"):
+                module.top_k = min(moe.top_k, count)
+
     # -- latency --------------------------------------------------------------------------
     def lean(self, model: nn.Module) -> Any:
         """The model's weights as ``latency_models.graph.DecoderWeights`` (the lean block)."""
@@ -202,10 +239,14 @@ class Family:
 
     # -- saving -----------------------------------------------------------------------------
     def config_for(
-        self, config: dict[str, Any], shapes: Shapes, groups: int, neurons: int
-    ) -> dict[str, Any] | None:
-        """A Hugging Face config for a model whose every layer keeps ``groups`` KV groups and
-        ``neurons`` MLP neurons, or None where the config cannot say so."""
+        self, config: dict[str, Any], shapes: Shapes, groups: int, neurons: int,
+        experts: int | None = None,
+    ) -> dict[str, Any] | None:  # fmt: skip
+        """A Hugging Face config for a model whose every layer keeps ``groups`` KV groups,
+        ``neurons`` MLP neurons (in each expert, for MoE) and ``experts`` routed experts (MoE
+        only), or None where the config cannot say so."""
+        if experts is not None:
+            return None  # a MoE family says how its config counts experts
         out = {**config, self.intermediate_key: neurons}
         if groups == shapes.kv_heads:
             return out
@@ -217,6 +258,20 @@ class Family:
             head_dim=shapes.head_dim,
         )
         return out
+
+
+def experts_of(layer: nn.Module, block: BlockLayout) -> int:
+    """Routed experts a (possibly pruned) MoE layer keeps, read from its tensors."""
+    assert block.experts is not None
+    return get_tensor(layer, block.experts.tensors[0]).shape[0]
+
+
+def keep_experts(family: Family, layer: nn.Module, block: BlockLayout, count: int) -> None:
+    """Cut a MoE block to its first ``count`` experts (used to rebuild saved models)."""
+    assert block.experts is not None
+    for path in (*block.experts.tensors, *block.experts.router):
+        set_tensor(layer, path, get_tensor(layer, path).detach()[:count].clone())
+    family.set_experts(layer, block, count)
 
 
 def units_of(layer: nn.Module, block: BlockLayout) -> int:

@@ -1,0 +1,131 @@
+"""Mixture-of-experts decoders with Llama's attention: Mixtral, Qwen2-MoE (with its shared
+expert), Qwen3-MoE and OLMoE, as transformers 5 holds them.
+
+A MoE layer's ``mlp`` is a sparse block: a router (``mlp.gate``, a bare ``weight`` of one row
+per expert, not an ``nn.Linear``) picks ``num_experts_per_tok`` of the routed experts for each
+token, whose weights are fused 3-D tensors with the expert on axis 0:
+``mlp.experts.gate_up_proj`` [experts, 2 * width, hidden] (gate rows, then up rows) and
+``mlp.experts.down_proj`` [experts, hidden, width]. Qwen2-MoE adds a shared expert that every
+token runs (``mlp.shared_expert``, a gated MLP of its own width, scaled by
+``sigmoid(mlp.shared_expert_gate(x))``). Qwen2-MoE and Qwen3-MoE can keep a dense MLP in some
+layers (``mlp_only_layers``, ``decoder_sparse_step``): those layers are Llama's.
+
+Routing, as transformers computes it: softmax over the router's logits, the top k
+probabilities, then divided by their sum where the family renormalises (Mixtral always;
+Qwen2-MoE, Qwen3-MoE and OLMoE when ``norm_topk_prob``). Removing an expert removes its logit:
+the softmax runs over the experts kept, top-k is at most the experts kept.
+
+The block's units, for the cost model, are each routed expert's neurons; its experts are
+described by ``Experts`` (``searcher.families.base``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, ClassVar
+
+from torch import nn
+
+from searcher.errors import SearcherError
+from searcher.families.base import BlockLayout, Experts, Shapes, Slab, get_tensor
+from searcher.families.llama import Llama
+
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts")
+
+
+class Mixtral(Llama):
+    name = "mixtral"
+    model_types: ClassVar[tuple[str, ...]] = ("mixtral",)
+    count_key: ClassVar[str] = "num_local_experts"  # the config key that counts experts
+    always_renormalised: ClassVar[bool] = True
+    note = "mixture of experts"
+
+    def check(self, model: nn.Module) -> None:
+        # With per-layer expert counts the auxiliary (load-balancing) loss cannot stack the
+        # layers' router logits; it is a training loss, so a pruned model does not compute it.
+        model.config.output_router_logits = False
+
+    def block(self, kind: str, shapes: Shapes, layer: nn.Module) -> BlockLayout:
+        if kind == "attn":
+            return super().block(kind, shapes, layer)
+        if not _has_experts(layer):  # a dense MLP layer, as wide as its config says
+            width = getattr(layer.get_submodule("mlp"), "intermediate_size", shapes.intermediate)
+            return super().block(kind, replace(shapes, intermediate=int(width)), layer)
+        gate_up = "mlp.experts.gate_up_proj"
+        down = "mlp.experts.down_proj"
+        count, double, _ = get_tensor(layer, gate_up).shape
+        width = double // 2
+        slabs = (
+            Slab(gate_up, 1, ((0, 1), (width, 1)), matmul=True),
+            Slab(down, 2, ((0, 1),), matmul=True),
+        )
+        router = layer.get_submodule("mlp.gate")
+        experts = Experts(
+            count=router.weight.shape[0],
+            top_k=int(router.top_k),
+            renormalised=self.always_renormalised or bool(getattr(router, "norm_topk_prob", 0)),
+            tensors=(gate_up, down),
+            router=("mlp.gate.weight",),
+            module="mlp.experts",
+            gate="mlp.gate",
+        )
+        shared = tuple(
+            f"mlp.{n}" for n, _ in layer.get_submodule("mlp").named_parameters()
+            if n.startswith("shared_expert")
+        )  # fmt: skip
+        return BlockLayout(
+            "mlp", "mlp", width, slabs, "mlp", matmuls=("mlp.gate.weight", *shared),
+            experts=experts,
+        )  # fmt: skip
+
+    def intermediate(self, model: nn.Module) -> int:
+        """Each routed expert's width."""
+        return int(getattr(model.config, self.intermediate_key))
+
+    def config_for(
+        self, config: dict[str, Any], shapes: Shapes, groups: int, neurons: int,
+        experts: int | None = None,
+    ) -> dict[str, Any] | None:  # fmt: skip
+        out = super().config_for(config, shapes, groups, neurons)
+        if out is None or experts is None:
+            return out
+        top_k = int(config["num_experts_per_tok"])
+        # every key that counts experts (Qwen3-MoE's config has num_local_experts as well)
+        counts = {k: experts for k in EXPERT_COUNT_KEYS if k in config or k == self.count_key}
+        return {**out, **counts, "num_experts_per_tok": min(top_k, experts)}
+
+    def lean(self, model: nn.Module) -> Any:
+        raise SearcherError(
+            f"latency tables and ONNX export do not support mixture-of-experts models (the "
+            f"{self.name} family) yet: their lean decoder graph has no MoE block; search "
+            "without --latency-device and export with --format pruned"
+        )
+
+
+class QwenMoe(Mixtral):
+    """Qwen2-MoE (shared expert) and Qwen3-MoE (per-head q/k norms): Mixtral's experts, counted
+    by ``num_experts``, ``moe_intermediate_size`` wide, renormalised per ``norm_topk_prob``."""
+
+    name = "qwen_moe"
+    model_types = ("qwen2_moe", "qwen3_moe")
+    count_key = "num_experts"
+    intermediate_key = "moe_intermediate_size"
+    always_renormalised = False
+
+
+class Olmoe(Mixtral):
+    """OLMoE: q/k norms over all heads together (as OLMo2's), Mixtral's experts counted by
+    ``num_experts``, renormalised per ``norm_topk_prob``."""
+
+    name = "olmoe"
+    model_types = ("olmoe",)
+    count_key = "num_experts"
+    always_renormalised = False
+
+
+def _has_experts(layer: nn.Module) -> bool:
+    try:
+        get_tensor(layer, "mlp.experts.gate_up_proj")
+    except AttributeError:
+        return False
+    return True

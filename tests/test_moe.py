@@ -1,0 +1,326 @@
+"""Mixture-of-experts families on tiny random models of each (Mixtral, Qwen2-MoE with a shared
+expert and a dense layer, Qwen3-MoE, OLMoE): the experts space and depth, their exact costs
+(parameters, active parameters, FLOPs), the routing after experts are removed, the baselines,
+the command-line search and export, and the export loaded by plain transformers."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import spaces
+from searcher.algorithms.allocations import ExpertFrequency
+from searcher.budget import Budget
+from searcher.cli import main
+from searcher.errors import SearcherError
+from searcher.export import load_pruned
+from searcher.export.pruned import save_pruned
+from searcher.run import problem_for
+from tests.helpers import counted_flops, logits
+from tests.test_export_hf import load_without_searcher
+from tests.test_families import MOE_CONFIGS, SEQ, TINY, _mid, _save, _windows, build
+
+TYPES = sorted(MOE_CONFIGS)
+PRUNING = {"experts": {}, "depth": {}}  # the spaces that prune MoE models
+
+
+@pytest.fixture(scope="module", params=TYPES)
+def model_type(request) -> str:
+    return request.param
+
+
+def _experts(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if type(m).__name__.endswith("Experts")]
+
+
+def _active(model: torch.nn.Module) -> int:
+    """Parameters a token uses, counted from the model: all of them, less in each MoE layer
+    the experts beyond the top k it runs."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    for layer in model.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is None:
+            continue
+        kept = experts.gate_up_proj.shape[0]
+        each = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // kept
+        total -= (kept - min(layer.mlp.gate.top_k, kept)) * each
+    return total
+
+
+def _uniform(space: spaces.SearchSpace, level: int) -> tuple[int, ...]:
+    return (level,) * len(space.genes)
+
+
+@pytest.mark.parametrize("space_name", sorted(PRUNING))
+def test_apply_costs_and_saved_model(model_type: str, space_name: str, tmp_path: Path) -> None:
+    """A candidate applied in place, materialised, saved and reloaded gives the same logits;
+    parameters, active parameters and FLOPs equal the model's tensors, the count above and
+    torch's flop counter (eager experts: one counted matmul per routed token)."""
+    model = build(model_type)
+    model.set_experts_implementation("eager")
+    windows = _windows()
+    ids = windows[:1]
+    reference = logits(model, ids)
+    space = spaces.build(space_name, spaces.Structure.of(model), SEQ, windows)
+    tables = space.cost_tables()
+    assert set(tables) >= {"flops", "params", "active_params"}
+    # experts: 2 kept of 6 everywhere (top-k 2), a mix, 1 everywhere (top-k 1)
+    for c in (_uniform(space, 1), _mid(space), (0,) * len(space.genes)):
+        space.apply(c)
+        applied = logits(model, ids)
+        pruned = space.materialize(c)
+        pruned.set_experts_implementation("eager")
+        torch.testing.assert_close(logits(pruned, ids), applied, atol=1e-5, rtol=1e-5)
+        params = {id(p): p for p in pruned.parameters()}.values()
+        assert sum(p.numel() for p in params) == tables["params"].cost(c), c
+        assert _active(pruned) == tables["active_params"].cost(c), c
+        assert counted_flops(pruned, ids) == tables["flops"].cost(c), c
+        save_pruned(pruned, tmp_path / "m", {})
+        again = load_pruned(tmp_path / "m")
+        torch.testing.assert_close(logits(again, ids), applied, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(applied, reference, atol=1e-3)
+    space.apply(space.dense())
+    torch.testing.assert_close(logits(model, ids), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_pruning_experts_below_top_k_saves_active_compute(model_type: str) -> None:
+    """Above top-k, removing experts saves parameters only (a token runs top-k experts
+    whatever the count; the router loses a row); at fewer experts than top-k, compute too."""
+    space = spaces.build("experts", spaces.Structure.of(build(model_type)), SEQ, _windows())
+    tables = space.cost_tables()
+    dense, two, one = space.dense(), _uniform(space, 1), _uniform(space, 0)
+    assert tables["params"].cost(two) < tables["params"].cost(dense)
+    router_rows = (6 - 2) * space.structure.hidden * len(space.genes)
+    assert tables["active_params"].cost(dense) - tables["active_params"].cost(two) == router_rows
+    assert tables["active_params"].cost(one) < tables["active_params"].cost(two)
+    assert tables["flops"].cost(one) < tables["flops"].cost(two) < tables["flops"].cost(dense)
+
+
+@pytest.mark.parametrize("space_name", ["width", "joint", "sparsity"])
+def test_other_spaces_refuse_moe_models_in_one_line(model_type: str, space_name: str) -> None:
+    structure = spaces.Structure.of(build(model_type))
+    with pytest.raises(SearcherError, match="does not prune mixture-of-experts.*--space experts"):
+        spaces.build(space_name, structure, SEQ, _windows())
+
+
+def test_experts_space_refuses_a_dense_model() -> None:
+    structure = spaces.Structure.of(build("llama"))
+    with pytest.raises(SearcherError, match="needs a mixture-of-experts model"):
+        spaces.build("experts", structure, SEQ, _windows())
+
+
+def _routing(model: torch.nn.Module, gate: torch.nn.Module, block: torch.nn.Module, ids):
+    """The router's input, its (logits, weights, indices) and the MoE block's output."""
+    seen = {}
+
+    def router(_m, args, out):
+        seen["x"], seen["gate"] = args[0].detach(), tuple(o.detach() for o in out)
+
+    def output(_m, _args, out):
+        seen["out"] = out.detach().reshape(-1, out.shape[-1])
+
+    handles = [gate.register_forward_hook(router), block.register_forward_hook(output)]
+    try:
+        logits(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_removing_an_expert_changes_nothing_for_tokens_never_routed_to_it(model_type: str):
+    """Layer 0 loses its last-ranked expert. The router's softmax runs over the experts kept:
+    top-k weights and indices are softmax(kept logits)'s top k, divided by their sum where
+    the family renormalises. A token whose top k never included the removed expert keeps
+    its experts; with renormalisation its weights and the block's output are the dense
+    model's; without, its weights are divided by the kept experts' probability mass."""
+    model = build(model_type)
+    space = spaces.build("experts", spaces.Structure.of(model), SEQ, _windows())
+    layer = space.moe_layers[0]
+    moe = layer.mlp.experts
+    gate, block = layer.module.get_submodule(moe.gate), layer.module.get_submodule("mlp")
+    ids = _windows(8)
+    dense = _routing(model, gate, block, ids)
+    last = moe.count - 1  # the lowest-ranked expert: after the space's permutation, the last
+    space.apply((len(space.genes[0].values) - 2, *space.dense()[1:]))
+    pruned = _routing(model, gate, block, ids)
+    torch.testing.assert_close(pruned["x"], dense["x"])  # layer 0's router sees the same input
+    full_logits, weights, index = dense["gate"]
+    kept_logits, new_weights, new_index = pruned["gate"]
+    assert kept_logits.shape[-1] == last
+    torch.testing.assert_close(kept_logits, full_logits[:, :last])
+    # the documented normalisation, for every token
+    probs = torch.softmax(kept_logits.float(), dim=-1)
+    expect, expect_index = torch.topk(probs, moe.top_k, dim=-1)
+    if moe.renormalised:
+        expect = expect / expect.sum(-1, keepdim=True)
+    assert torch.equal(new_index, expect_index)
+    torch.testing.assert_close(new_weights.float(), expect, atol=1e-6, rtol=1e-5)
+    # tokens never routed to the removed expert
+    never = ~(index == last).any(-1)
+    assert 0 < int(never.sum()) < len(never)  # some tokens of each kind
+    assert torch.equal(new_index[never], index[never])
+    mass = 1 - torch.softmax(full_logits.float(), -1)[:, last]
+    if moe.renormalised:
+        torch.testing.assert_close(new_weights[never], weights[never], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(pruned["out"][never], dense["out"][never], atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(
+            new_weights[never].float(), weights[never].float() / mass[never, None],
+            atol=1e-6, rtol=1e-5,
+        )  # fmt: skip
+    assert not torch.allclose(pruned["out"][~never], dense["out"][~never], atol=1e-4)
+
+
+@pytest.mark.parametrize("order", ["contribution", "frequency"])
+def test_levels_keep_the_best_experts_first(model_type: str, order: str) -> None:
+    space = spaces.build(
+        "experts", spaces.Structure.of(build(model_type)), SEQ, _windows(8),
+        options={"order": order},
+    )  # fmt: skip
+    priors = space.priors()
+    for ranked in priors[f"expert_{order}"]:
+        assert ranked == sorted(ranked, reverse=True)
+    for freq in priors["expert_frequency"]:  # shares of the tokens: top-k of them in all
+        assert sum(freq) == pytest.approx(2.0)
+
+
+def test_frequency_baseline_drops_the_least_routed_experts_model_wide(model_type: str) -> None:
+    """One global threshold: every expert kept is routed at least as often as every expert
+    dropped, in whichever layer; the next threshold (also keeping the most-routed dropped
+    experts) breaks the budget."""
+    space = spaces.build(
+        "experts", spaces.Structure.of(build(model_type)), SEQ, _windows(8),
+        options={"order": "frequency"},
+    )  # fmt: skip
+    problem = problem_for(space, Budget.parse("params=0.75"))
+    chosen = ExpertFrequency(problem, 0, 4).allocate()
+    assert problem.feasible(chosen)
+    freq = space.priors()["expert_frequency"]
+    kept = [f for gene, level in zip(freq, chosen) for f in gene[: level + 1]]
+    dropped = [(f, g) for g, (gene, level) in enumerate(zip(freq, chosen))
+               for f in gene[level + 1 :]]  # fmt: skip
+    assert dropped and min(kept) >= max(f for f, _ in dropped)
+    top = max(f for f, _ in dropped)  # the next threshold keeps every expert routed as often
+    more = list(chosen)
+    for f, g in dropped:
+        more[g] += f == top
+    assert not problem.feasible(tuple(more))
+
+
+RUNS = [(t, "experts", "params=0.7", "evo") for t in TYPES] + [
+    ("qwen2_moe", "depth", "flops=0.7", "evo"),
+    ("mixtral", "experts", "active_params=0.9", "evo"),
+    ("olmoe", "experts", "params=0.7", "frequency"),
+    ("qwen3_moe", "experts", "params=0.7", "uniform"),
+]
+
+
+@pytest.mark.parametrize(("model_type", "space_name", "budget", "algo"), RUNS)
+def test_search_and_export(model_type, space_name, budget, algo, tmp_path: Path, capsys) -> None:
+    """``searcher run`` on a saved MoE model, then ``export --format pruned`` (which checks
+    that the saved model's validation KL is the search's): the loaded export has exactly the
+    parameters and active parameters the search claimed, and the summary shows both."""
+    model_dir = _save(model_type, tmp_path / "model")
+    code = main(["run", "--model", str(model_dir), "--space", space_name, "--budget", budget,
+                 "--algo", algo, "--out", str(tmp_path / "run"), *TINY])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    shown = [line.split()[1] for line in out.splitlines() if "of dense (" in line]
+    assert {"params", "active_params"} <= set(shown), out
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    code = main(["export", str(tmp_path / "run"), "--format", "pruned", "--out",
+                 str(tmp_path / "m")])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    kl = float(out.split("validation KL ")[1].split()[0])
+    assert kl == pytest.approx(best["validation"]["kl"], rel=1e-4)
+    loaded = load_pruned(tmp_path / "m")
+    assert sum(p.numel() for p in loaded.parameters()) == best["costs"]["params"]
+    assert _active(loaded) == best["costs"]["active_params"]
+    if space_name == "experts":
+        counts = [len(v["kept_experts"]) for v in best["config"].values()]
+        assert sum(counts) < 6 * len(counts)  # some experts removed
+
+
+def test_onnx_and_latency_say_moe_is_not_supported(model_type: str, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from searcher.export.onnx import export_onnx
+
+    model = build(model_type)
+    space = spaces.build("experts", spaces.Structure.of(model), SEQ, _windows())
+    session = SimpleNamespace(space=space, windows=SimpleNamespace(validation=_windows()[:1]))
+    with pytest.raises(SearcherError, match="ONNX export do not support mixture-of-experts"):
+        export_onnx(space.materialize(space.dense()), session, tmp_path / "onnx")
+
+
+CASES = [(t, kind) for t in TYPES for kind in ("experts", "experts-uniform", "depth")]
+
+
+def _candidate(space: spaces.SearchSpace, kind: str) -> tuple[int, ...]:
+    if kind == "experts-uniform":
+        return _uniform(space, 2)  # 3 experts in every layer: the family's own config
+    if kind == "experts":  # layer i keeps i + 1 experts (the last layer all but none)
+        return tuple(min(i, len(g.values) - 1) for i, g in enumerate(space.genes))
+    genes = list(space.dense())
+    genes[0] = genes[3] = 0  # layer 0's attention and layer 1's MLP removed
+    return tuple(genes)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict:
+    """Every case saved with ``save_pruned`` and loaded by one isolated subprocess (plain
+    transformers, searcher not importable: the loader of tests/test_export_hf.py)."""
+    root = tmp_path_factory.mktemp("moe-exports")
+    ids = _windows()[:1]
+    cases = {}
+    for model_type, kind in CASES:
+        model = build(model_type)
+        space = spaces.build(kind.split("-")[0], spaces.Structure.of(model), SEQ, _windows())
+        pruned = copy.deepcopy(space.materialize(_candidate(space, kind)))
+        out = root / f"{model_type}-{kind}"
+        info = save_pruned(pruned, out, {})
+        cases[(model_type, kind)] = {"dir": str(out), "info": info, "logits": logits(pruned, ids)}
+    result = load_without_searcher(root, [c["dir"] for c in cases.values()], ids)
+    return {"cases": cases, "result": result}
+
+
+@pytest.mark.parametrize(("model_type", "kind"), CASES, ids=[f"{t}-{k}" for t, k in CASES])
+def test_export_loads_and_generates_without_searcher(exported, model_type, kind) -> None:
+    """Per-layer expert counts and removed blocks load with the copied modeling file
+    (``trust_remote_code=True``); the same count in every layer is the family's ordinary
+    checkpoint (its config's expert count and top-k). Either gives the scored model's logits,
+    and cached greedy decoding equals a full recompute."""
+    case = exported["cases"][(model_type, kind)]
+    assert exported["result"]["searcher_importable"] is False
+    got = exported["result"]["models"][case["dir"]]
+    # Qwen2-MoE here mixes dense and MoE layers: per-layer widths, recorded as such
+    remote = kind != "experts-uniform" or model_type == "qwen2_moe"
+    assert case["info"]["remote_code"] is remote
+    diff = (torch.tensor(got["logits"]) - case["logits"]).abs().max()
+    assert diff < 1e-4
+    counts = [s["num_experts"] for s in case["info"]["layers"] if "num_experts" in s]
+    if kind.startswith("experts"):  # recorded per MoE layer (Qwen2-MoE's layer 1 is dense)
+        uniform = kind == "experts-uniform"
+        assert counts == ([3] * len(counts) if uniform else list(range(1, len(counts) + 1)))
+    if remote:
+        assert got["cached"] == got["recomputed"]
+        assert got["cached_vs_recomputed_logits"] < 1e-4
+    else:
+        config = json.loads((Path(case["dir"]) / "config.json").read_text())
+        assert config.get("num_experts", config.get("num_local_experts")) == 3
+        assert config["num_experts_per_tok"] == 2
+
+
+def test_uniform_baseline_keeps_the_same_count_in_every_layer(model_type: str) -> None:
+    space = spaces.build("experts", spaces.Structure.of(build(model_type)), SEQ, _windows())
+    problem = problem_for(space, Budget.parse("params=0.8"))
+    chosen = problem.uniform()
+    assert len(set(chosen)) == 1 and problem.feasible(chosen)
+    assert np.all(np.asarray(chosen) < len(space.genes[0].values) - 1)

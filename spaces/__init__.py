@@ -17,6 +17,7 @@ from spaces.base import Gene, SearchSpace
 from spaces.depth import DepthSpace
 from spaces.experts import ExpertsSpace
 from spaces.joint import JointSpace
+from spaces.moe import MoeSpace
 from spaces.sparsity import SparsitySpace
 from spaces.structure import Structure
 from spaces.width import WidthSpace
@@ -27,6 +28,7 @@ SPACES: dict[str, type[SearchSpace]] = {
     "sparsity": SparsitySpace,
     "joint": JointSpace,
     "experts": ExpertsSpace,
+    "moe": MoeSpace,
 }
 
 

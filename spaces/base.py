@@ -107,7 +107,18 @@ def refuse_moe(structure: Structure, space: str) -> None:
     if structure.moe:
         raise SearcherError(
             f"the {space} space does not prune mixture-of-experts models yet: use --space "
-            "experts (experts per layer) or depth"
+            "experts, moe, width, joint or depth"
+        )
+
+
+def refuse_mixed(structure: Structure, space: str) -> None:
+    """A one-line refusal of a model with both dense and MoE MLP layers, whose MLP widths
+    differ from layer to layer (the width grid is one for all layers)."""
+    kinds = {layer.mlp.experts is None for layer in structure.layers}
+    if len(kinds) > 1:
+        raise SearcherError(
+            f"the {space} space does not prune models that mix dense and mixture-of-experts "
+            "MLP layers (mlp_only_layers) yet: use --space experts or depth"
         )
 
 

@@ -25,6 +25,7 @@ Attention, dense MLP layers and shared experts are not touched by this space.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,22 +88,15 @@ class ExpertsSpace(SearchSpace):
             name = layer.name(layer.mlp.experts.module)
             genes.append(Gene(name, "experts", tuple(counts), tuple(c / total for c in counts)))
         self.genes = tuple(genes)
-        stats = routing_statistics(structure, self.moe_layers, windows, batch_size)
-        self.frequency = [f for f, _ in stats]  # per layer: share of tokens routed to each
-        self.contribution = [c for _, c in stats]
-        ranked_by = self.contribution if order == "contribution" else self.frequency
+        routing = routing_statistics(structure, self.moe_layers, windows, batch_size)
         self.expert_order: list[list[int]] = []
         self._full: list[dict[str, torch.Tensor]] = []
-        for layer, score in zip(self.moe_layers, ranked_by, strict=True):
-            best = torch.argsort(score, descending=True, stable=True)
-            moe = layer.mlp.experts
-            full = {}
-            for path in (*moe.tensors, *moe.router):
-                t = layer.tensor(path).detach()
-                full[path] = t.index_select(0, best.to(t.device)).contiguous()
-                layer.set(path, full[path])
-            self._full.append(full)
+        self.routing: list[Routing] = []  # in the order the levels keep the experts
+        for layer, r in zip(self.moe_layers, routing, strict=True):
+            best, full = rank_experts(layer, getattr(r, order))
             self.expert_order.append(best.tolist())
+            self._full.append(full)
+            self.routing.append(r.permuted(best))
         self._applied = list(self.dense())
 
     def apply(self, candidate: Sequence[int]) -> None:
@@ -152,12 +146,9 @@ class ExpertsSpace(SearchSpace):
         mean norm of what each adds to the output; ``units``: per gene and level, the experts
         kept."""
 
-        def in_order(values: list[torch.Tensor]) -> list[list[float]]:
-            return [v[o].tolist() for v, o in zip(values, self.expert_order, strict=True)]
-
         return {
-            "expert_frequency": in_order(self.frequency),
-            "expert_contribution": in_order(self.contribution),
+            "expert_frequency": [r.frequency.tolist() for r in self.routing],
+            "expert_contribution": [r.contribution.tolist() for r in self.routing],
             "units": [list(c) for c in self.counts],
         }
 
@@ -168,31 +159,46 @@ class ExpertsSpace(SearchSpace):
         return {"min_experts": self.min_experts, "order": self.order}
 
 
+@dataclass
+class Routing:
+    """One MoE layer's calibration routing, per expert, each a mean over all tokens."""
+
+    frequency: torch.Tensor  # [experts] the share of tokens whose top k include the expert
+    contribution: torch.Tensor  # [experts] the norm of its routing weight times its output
+    hidden: torch.Tensor  # [experts, width] |routing weight * hidden activation| per neuron
+
+    def permuted(self, order: torch.Tensor) -> Routing:
+        """The same, its experts in ``order``."""
+        return Routing(self.frequency[order], self.contribution[order], self.hidden[order])
+
+
 def routing_statistics(
     structure: Structure, layers: Sequence[Layer], windows: torch.Tensor, batch_size: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per MoE layer, over the calibration tokens: each expert's routing frequency (the share
-    of tokens whose top k include it) and its contribution (the mean over all tokens of the
-    norm of its routing weight times its output; 0 where not routed). Each expert's output
-    is computed by the layer's own experts module, run for that expert alone."""
-    sums = [
-        tuple(torch.zeros(layer.mlp.experts.count, dtype=torch.float64) for _ in "fc")
-        for layer in layers
+) -> list[Routing]:
+    """Per MoE layer, over the calibration tokens, each expert's ``Routing``: its output is
+    computed by the layer's own experts module, run for that expert alone, its hidden
+    activations by the family (``Family.expert_hidden``)."""
+    family = structure.family
+    found = [
+        Routing(*(torch.zeros(shape, dtype=torch.float64) for shape in (e, e, (e, width))))
+        for e, width in ((ly.mlp.experts.count, ly.mlp.units) for ly in layers)
     ]
     tokens = [0]
 
     def hook(i: int):
         def record(module, args, kwargs):
             x, index, weights = _routing_args(args, kwargs)
-            freq, contrib = sums[i]
+            stats = found[i]
             x = x.reshape(-1, x.shape[-1])
             for e in torch.unique(index).tolist():
                 rows, slot = torch.where(index == e)
                 alone = torch.zeros(len(rows), 1, dtype=index.dtype, device=index.device)
                 out = module.forward(x[rows], alone + e, torch.ones_like(alone, dtype=x.dtype))
                 g = weights[rows, slot].to(out.dtype)[:, None]
-                freq[e] += len(rows)
-                contrib[e] += float((g * out).float().norm(dim=-1).sum())
+                stats.frequency[e] += len(rows)
+                stats.contribution[e] += float((g * out).float().norm(dim=-1).sum())
+                hidden = g * family.expert_hidden(module, e, x[rows])
+                stats.hidden[e] += hidden.abs().double().sum(0).cpu()
             if i == 0:
                 tokens[0] += x.shape[0]
 
@@ -207,7 +213,20 @@ def routing_statistics(
     for _ in forward_batches(structure.model, windows, batch_size, handles):
         pass
     n = max(tokens[0], 1)
-    return [(f / n, c / n) for f, c in sums]
+    return [Routing(r.frequency / n, r.contribution / n, r.hidden / n) for r in found]
+
+
+def rank_experts(layer: Layer, score: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Permute a MoE layer's experts (their tensors and the router's rows) best ``score``
+    first, in place: the order, and the permuted tensors by path."""
+    best = torch.argsort(score, descending=True, stable=True)
+    moe = layer.mlp.experts
+    full = {}
+    for path in (*moe.tensors, *moe.router):
+        t = layer.tensor(path).detach()
+        full[path] = t.index_select(0, best.to(t.device)).contiguous()
+        layer.set(path, full[path])
+    return best, full
 
 
 def _routing_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from latency_models.table import CostTable
-from searcher.families import BlockLayout
+from searcher.families import BlockLayout, Slab
 from searcher.families.base import in_axis
-from spaces.base import Block, Gene, SearchSpace, block_tables, digest, refuse_moe
+from spaces.base import Block, Gene, SearchSpace, block_tables, digest, refuse_mixed
+from spaces.experts import Routing, routing_statistics
 from spaces.importance import input_statistics
 from spaces.structure import Layer, Structure
 
@@ -44,7 +45,7 @@ class WidthSpace(SearchSpace):
         attn_min_groups: int = 1,
     ) -> None:
         super().__init__(structure, seq_len)
-        refuse_moe(structure, self.name)
+        refuse_mixed(structure, self.name)
         s = structure
         if not 1 <= mlp_min_steps <= mlp_steps:
             raise ValueError("mlp_min_steps must lie in [1, mlp_steps]")
@@ -83,15 +84,19 @@ class WidthSpace(SearchSpace):
         return widths
 
     def _rank(self, windows: torch.Tensor, batch_size: int) -> None:
-        """Score neurons and KV groups on calibration tokens; permute so the best come first."""
+        """Score neurons and KV groups on calibration tokens; permute so the best come first.
+        A MoE block's neurons are ranked within each routed expert (and the shared expert's
+        by their own score): a level keeps each expert's best neurons."""
         s = self.structure
-        modules = {
-            layer.name(block.score): layer.module.get_submodule(block.score)
-            for layer in s.layers
-            for block in (layer.attn, layer.mlp)
-        }
+        modules = {}
+        for layer in s.layers:
+            for block in (layer.attn, layer.mlp):
+                path = block.experts.shared if block.experts else block.score
+                if path:
+                    modules[layer.name(path)] = layer.module.get_submodule(path)
         stats = input_statistics(s.model, modules, windows, batch_size)
-        self.neuron_order: list[list[int]] = []
+        routing = self.routing(windows, batch_size)
+        self.neuron_order: list[list[int] | dict[str, list]] = []
         self.group_order: list[list[int]] = []
         self._scores: list[tuple[list[float], list[float]]] = []  # (groups, neurons), sorted
         self._full: list[dict[str, torch.Tensor]] = []  # per layer: permuted slabs by path
@@ -100,6 +105,13 @@ class WidthSpace(SearchSpace):
             scores, orders = [], []
             for block in (layer.attn, layer.mlp):
                 with torch.no_grad():
+                    if block.experts is not None:
+                        score, order = _rank_experts_neurons(
+                            layer, block, routing[layer.index], stats, full
+                        )
+                        scores.append(score)
+                        orders.append(order)
+                        continue
                     score = _unit_scores(layer, block, stats[layer.name(block.score)])
                     order = torch.argsort(score, descending=True, stable=True)
                     for slab in block.slabs:
@@ -115,6 +127,13 @@ class WidthSpace(SearchSpace):
             self.neuron_order.append(orders[1])
             self._scores.append((scores[0], scores[1]))
 
+    def routing(self, windows: torch.Tensor, batch_size: int) -> dict[int, Routing]:
+        """Calibration routing of each MoE layer (by layer index), for ranking neurons."""
+        s = self.structure
+        moe = [layer for layer in s.layers if layer.mlp.experts is not None]
+        found = routing_statistics(s, moe, windows, batch_size) if moe else []
+        return {layer.index: r for layer, r in zip(moe, found, strict=True)}
+
     def apply(self, candidate: Sequence[int]) -> None:
         for gi, level in enumerate(candidate):
             self.resize(gi, level)
@@ -124,18 +143,24 @@ class WidthSpace(SearchSpace):
         if self._applied[gi] == level:
             return
         s = self.structure
-        layer, full = s.layers[gi // 2], self._full[gi // 2]
+        layer = s.layers[gi // 2]
         block = layer.attn if gi % 2 == 0 else layer.mlp
         units = self.group_counts[level] if gi % 2 == 0 else self.mlp_sizes[level]
         for slab in block.slabs:
-            w = full[slab.tensor]
+            w = self.source(gi // 2, slab.tensor)
             if slab.is_prefix():  # a view: no copy
-                layer.set(slab.tensor, w.narrow(slab.axis, 0, slab.size(units)))
+                w = w.narrow(slab.axis, 0, slab.size(units))
+                # stacked expert weights whole (grouped matmul kernels want them so)
+                layer.set(slab.tensor, w.contiguous() if w.dim() > 2 else w)
             else:  # fused segments: gather each segment's first units
                 keep = slab.indices(range(units), w.device)
                 layer.set(slab.tensor, w.index_select(slab.axis, keep))
         s.family.resized(layer.module, block, units, s.shapes)
         self._applied[gi] = level
+
+    def source(self, layer: int, path: str) -> torch.Tensor:
+        """The ranked full tensor a layer's block is sliced from."""
+        return self._full[layer][path]
 
     def cost_tables(self) -> dict[str, CostTable]:
         levels = {"attn": self.group_counts, "mlp": self.mlp_sizes}
@@ -162,11 +187,19 @@ class WidthSpace(SearchSpace):
                 "kept_kv_groups": sorted(self.group_order[i][:groups]),
             }
         k = self.mlp_sizes[level]
-        return {
-            "intermediate_size": k,
-            "keep": gene.keep[level],
-            "kept_neurons": sorted(self.neuron_order[i][:k]),
-        }
+        order = self.neuron_order[i]
+        if isinstance(order, dict):  # a MoE block: each expert's own neurons
+            out = {
+                "intermediate_size": k,
+                "keep": gene.keep[level],
+                "kept_neurons": [sorted(o[:k]) for o in order["experts"]],
+            }
+            if order["shared"]:
+                n = k * len(order["shared"]) // self.structure.intermediate
+                out["shared_expert_intermediate_size"] = n
+                out["kept_shared_neurons"] = sorted(order["shared"][:n])
+            return out
+        return {"intermediate_size": k, "keep": gene.keep[level], "kept_neurons": sorted(order[:k])}
 
     def priors(self) -> dict[str, Any]:
         """``unit_scores``: per gene, the activation-aware score of each unit (KV group or
@@ -189,6 +222,49 @@ class WidthSpace(SearchSpace):
             "mlp_min_steps": self.mlp_min_steps,
             "attn_min_groups": self.attn_min_groups,
         }
+
+
+def _rank_experts_neurons(
+    layer: Layer, block: BlockLayout, routing: Routing, stats: dict[str, dict[str, torch.Tensor]],
+    full: dict[str, torch.Tensor],
+) -> tuple[list[float], dict[str, list]]:  # fmt: skip
+    """Rank a MoE block's neurons and fill ``full`` with its permuted slabs. Each routed
+    expert's neuron j scores mean |routing weight * hidden activation j| (over all tokens: 0
+    where not routed) times the L2 norm of the down projection's column j; each expert is
+    permuted by its own scores, so unit u is every expert's u-th best neuron. The shared
+    expert's neurons score as a dense MLP's, ``span`` of them to a unit. A unit's score (for
+    allocation baselines) sums its neurons'. Returns the units' scores, best first, and the
+    orders: per expert, and the shared expert's."""
+    moe = block.experts
+    assert moe is not None
+    down = block.slab(moe.down)
+    w = layer.tensor(moe.down).detach().double()
+    column = w.norm(dim=({1, 2} - {down.axis}).pop())  # [experts, neurons]
+    routed = routing.hidden.to(column) * column
+    order = torch.argsort(routed, dim=1, descending=True, stable=True)
+    unit = routed.gather(1, order).sum(0)
+    shared = torch.empty(0, dtype=torch.long)
+    if moe.shared:
+        module = layer.module.get_submodule(moe.shared)
+        feature = stats[layer.name(moe.shared)]["mean_abs"] * module.weight.double().norm(dim=0)
+        shared = torch.argsort(feature.cpu(), descending=True, stable=True)
+        unit = unit + feature.cpu()[shared].reshape(block.units, -1).sum(1).to(unit)
+    for slab in block.slabs:
+        t = layer.tensor(slab.tensor).detach()
+        if slab.tensor in moe.tensors:  # [experts, ...]: each expert by its own order
+            full[slab.tensor] = torch.stack([
+                t[e].index_select(slab.axis - 1, _neuron_rows(slab, o.to(t.device)))
+                for e, o in enumerate(order)
+            ]).contiguous()  # fmt: skip
+        else:
+            rows = _neuron_rows(slab, shared.to(t.device))
+            full[slab.tensor] = t.index_select(slab.axis, rows).contiguous()
+    return unit.tolist(), {"experts": order.tolist(), "shared": shared.tolist()}
+
+
+def _neuron_rows(slab: Slab, neurons: torch.Tensor) -> torch.Tensor:
+    """Indices along a slab's axis of ``neurons`` (an order of every neuron of a segment)."""
+    return torch.cat([off + neurons for off, _ in slab.segments])
 
 
 def _unit_scores(layer: Layer, block: BlockLayout, stats: dict[str, torch.Tensor]):

@@ -130,8 +130,8 @@ CONFIGS: dict[str, Callable[[], object]] = {
         tie_word_embeddings=True,
     ),  # fmt: skip
 }
-# mixture-of-experts families (tests/test_moe.py: the spaces that prune them): 6 experts, top 2;
-# Qwen2-MoE with a shared expert and a dense MLP in layer 1
+# mixture-of-experts families (tests/test_moe.py): 6 experts, top 2; Qwen2-MoE with a shared
+# expert twice an expert's width, and (":mixed") with a dense MLP in layer 1
 MOE = dict(GQA, head_dim=16, num_experts_per_tok=2)
 MOE_CONFIGS: dict[str, Callable[[], object]] = {
     "mixtral": _config("mixtral", **{**MOE, "intermediate_size": 32}, num_local_experts=6),
@@ -141,8 +141,15 @@ MOE_CONFIGS: dict[str, Callable[[], object]] = {
         num_experts=6,
         moe_intermediate_size=32,
         shared_expert_intermediate_size=64,
-        mlp_only_layers=[1],
         tie_word_embeddings=True,
+    ),
+    "qwen2_moe:mixed": _config(
+        "qwen2_moe",
+        **MOE,
+        num_experts=6,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        mlp_only_layers=[1],
     ),  # fmt: skip
     "qwen3_moe": _config(
         "qwen3_moe", **MOE, num_experts=6, moe_intermediate_size=32, norm_topk_prob=True
@@ -172,7 +179,7 @@ def build(model_type: str, seed: int = 0) -> torch.nn.Module:
 
 def test_every_registered_model_type_is_tested() -> None:
     assert {name.split(":")[0] for name in [*CONFIGS, *MOE_CONFIGS]} == set(MODEL_TYPES)
-    searched = [*SEARCHED, *MOE_CONFIGS]
+    searched = [*SEARCHED, *(t.split(":")[0] for t in MOE_CONFIGS)]
     assert {MODEL_TYPES[t.split(":")[0]].name for t in searched} == set(FAMILIES)
 
 

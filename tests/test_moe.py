@@ -26,7 +26,19 @@ from tests.test_export_hf import load_without_searcher
 from tests.test_families import MOE_CONFIGS, SEQ, TINY, _mid, _save, _windows, build
 
 TYPES = sorted(MOE_CONFIGS)
-PRUNING = {"experts": {}, "depth": {}}  # the spaces that prune MoE models
+# the spaces that prune MoE models; a model mixing dense and MoE MLP layers: experts and depth
+PRUNING = {
+    "experts": {}, "depth": {}, "width": {"mlp_steps": 4}, "joint": {"mlp_steps": 4},
+    "moe": {"mlp_steps": 4, "expert_steps": 3},
+}  # fmt: skip
+MIXED_ONLY = ("experts", "depth")
+
+
+def _space(model_type: str, space_name: str, model=None, windows=None) -> spaces.SearchSpace:
+    model = build(model_type) if model is None else model
+    windows = _windows() if windows is None else windows
+    structure = spaces.Structure.of(model)
+    return spaces.build(space_name, structure, SEQ, windows, options=PRUNING[space_name])
 
 
 @pytest.fixture(scope="module", params=TYPES)
@@ -60,16 +72,21 @@ def _uniform(space: spaces.SearchSpace, level: int) -> tuple[int, ...]:
 def test_apply_costs_and_saved_model(model_type: str, space_name: str, tmp_path: Path) -> None:
     """A candidate applied in place, materialised, saved and reloaded gives the same logits;
     parameters, active parameters and FLOPs equal the model's tensors, the count above and
-    torch's flop counter (eager experts: one counted matmul per routed token)."""
+    torch's flop counter (eager experts: one counted matmul per routed token). A model that
+    mixes dense and MoE MLP layers is refused in one line by the spaces with one width grid."""
     model = build(model_type)
+    if model_type.endswith(":mixed") and space_name not in MIXED_ONLY:
+        with pytest.raises(SearcherError, match="mix dense and mixture-of-experts MLP layers"):
+            _space(model_type, space_name, model)
+        return
     model.set_experts_implementation("eager")
     windows = _windows()
     ids = windows[:1]
     reference = logits(model, ids)
-    space = spaces.build(space_name, spaces.Structure.of(model), SEQ, windows)
+    space = _space(model_type, space_name, model, windows)
     tables = space.cost_tables()
     assert set(tables) >= {"flops", "params", "active_params"}
-    # experts: 2 kept of 6 everywhere (top-k 2), a mix, 1 everywhere (top-k 1)
+    # experts: 2 kept of 6 everywhere (top-k 2), a mix, 1 everywhere (top-k 1); others alike
     for c in (_uniform(space, 1), _mid(space), (0,) * len(space.genes)):
         space.apply(c)
         applied = logits(model, ids)
@@ -101,11 +118,54 @@ def test_pruning_experts_below_top_k_saves_active_compute(model_type: str) -> No
     assert tables["flops"].cost(one) < tables["flops"].cost(two) < tables["flops"].cost(dense)
 
 
-@pytest.mark.parametrize("space_name", ["width", "joint", "sparsity"])
-def test_other_spaces_refuse_moe_models_in_one_line(model_type: str, space_name: str) -> None:
+def test_sparsity_refuses_moe_models_in_one_line(model_type: str) -> None:
     structure = spaces.Structure.of(build(model_type))
     with pytest.raises(SearcherError, match="does not prune mixture-of-experts.*--space experts"):
-        spaces.build(space_name, structure, SEQ, _windows())
+        spaces.build("sparsity", structure, SEQ, _windows())
+
+
+def test_width_ranks_each_experts_neurons_by_its_own_scores(model_type: str) -> None:
+    """A level keeps every expert's own best neurons (not one neuron index for all), and the
+    shared expert's best by its own scores."""
+    if model_type.endswith(":mixed"):
+        return  # refused above
+    space = _space(model_type, "width")
+    narrow = space.describe((0,) * len(space.genes))
+    for gi, gene in enumerate(space.genes):
+        if gene.kind != "mlp":
+            continue
+        kept = narrow[gene.name]["kept_neurons"]
+        assert len(kept) == 6 and all(len(k) == space.mlp_sizes[0] for k in kept)
+        assert len({tuple(k) for k in kept}) > 1  # experts keep different neurons
+        order = space.neuron_order[gi // 2]
+        assert kept == [sorted(o[: space.mlp_sizes[0]]) for o in order["experts"]]
+        if model_type == "qwen2_moe":  # the shared expert: twice an expert's width
+            assert narrow[gene.name]["shared_expert_intermediate_size"] == 2 * space.mlp_sizes[0]
+    for unit_scores in space.priors()["unit_scores"]:
+        assert unit_scores == sorted(unit_scores, reverse=True)
+
+
+def test_moe_space_levels_pair_experts_and_width(model_type: str) -> None:
+    """One gene per MoE block over (experts, neurons) pairs, ordered by the share of the
+    routed experts' weights kept; its costs are the product's, not a sum."""
+    if model_type.endswith(":mixed"):
+        return
+    space = _space(model_type, "moe")
+    tables = space.cost_tables()
+    for gi, pairs in space.pairs.items():
+        keep = space.genes[gi].keep
+        assert list(keep) == sorted(keep) and keep[-1] == 1.0
+        assert {c for c, _ in pairs} == {2, 4, 6} and len(pairs) == 3 * 4
+        counts = [space.genes[gi].values[i][0] for i in range(len(pairs))]
+        assert counts == [c for c, _ in pairs]
+    gi = next(iter(space.pairs))
+    level = space.genes[gi].values.index((2, space.mlp_sizes[0]))
+    c = list(space.dense())
+    c[gi] = level
+    described = space.describe(tuple(c))[space.genes[gi].name]
+    assert described["num_experts"] == 2 and len(described["kept_neurons"]) == 2
+    assert set(described["kept_neurons"]) == {str(e) for e in described["kept_experts"]}
+    assert tables["params"].cost(tuple(c)) < tables["params"].cost(space.dense())
 
 
 def test_experts_space_refuses_a_dense_model() -> None:
@@ -213,8 +273,13 @@ def test_frequency_baseline_drops_the_least_routed_experts_model_wide(model_type
     assert not problem.feasible(tuple(more))
 
 
-RUNS = [(t, "experts", "params=0.7", "evo") for t in TYPES] + [
-    ("qwen2_moe", "depth", "flops=0.7", "evo"),
+FULL = [t for t in TYPES if not t.endswith(":mixed")]
+RUNS = [
+    *((t, "experts", "params=0.8", "evo") for t in TYPES),
+    *((t, "moe", "flops=0.6", "evo") for t in FULL),
+    ("qwen2_moe", "width", "flops=0.7", "evo"),
+    ("olmoe", "joint", "flops=0.6", "evo"),
+    ("qwen2_moe:mixed", "depth", "flops=0.7", "evo"),
     ("mixtral", "experts", "active_params=0.9", "evo"),
     ("olmoe", "experts", "params=0.7", "frequency"),
     ("qwen3_moe", "experts", "params=0.7", "uniform"),
@@ -227,8 +292,9 @@ def test_search_and_export(model_type, space_name, budget, algo, tmp_path: Path,
     that the saved model's validation KL is the search's): the loaded export has exactly the
     parameters and active parameters the search claimed, and the summary shows both."""
     model_dir = _save(model_type, tmp_path / "model")
+    options = [f"--space-option={k}={v}" for k, v in PRUNING[space_name].items()]
     code = main(["run", "--model", str(model_dir), "--space", space_name, "--budget", budget,
-                 "--algo", algo, "--out", str(tmp_path / "run"), *TINY])  # fmt: skip
+                 "--algo", algo, "--out", str(tmp_path / "run"), *options, *TINY])  # fmt: skip
     out, err = capsys.readouterr()
     assert code == 0, err
     shown = [line.split()[1] for line in out.splitlines() if "of dense (" in line]
@@ -243,9 +309,9 @@ def test_search_and_export(model_type, space_name, budget, algo, tmp_path: Path,
     loaded = load_pruned(tmp_path / "m")
     assert sum(p.numel() for p in loaded.parameters()) == best["costs"]["params"]
     assert _active(loaded) == best["costs"]["active_params"]
-    if space_name == "experts":
-        counts = [len(v["kept_experts"]) for v in best["config"].values()]
-        assert sum(counts) < 6 * len(counts)  # some experts removed
+    if space_name in ("experts", "moe"):
+        counts = [len(v["kept_experts"]) for v in best["config"].values() if "kept_experts" in v]
+        assert counts and sum(counts) <= 6 * len(counts)
 
 
 def test_onnx_and_latency_say_moe_is_not_supported(model_type: str, tmp_path: Path) -> None:
@@ -260,13 +326,20 @@ def test_onnx_and_latency_say_moe_is_not_supported(model_type: str, tmp_path: Pa
         export_onnx(space.materialize(space.dense()), session, tmp_path / "onnx")
 
 
-CASES = [(t, kind) for t in TYPES for kind in ("experts", "experts-uniform", "depth")]
+CASES = [(t, kind) for t in TYPES for kind in ("experts", "experts-uniform", "depth")] + [
+    (t, kind) for t in FULL for kind in ("width", "moe", "moe-uniform")
+]
 
 
 def _candidate(space: spaces.SearchSpace, kind: str) -> tuple[int, ...]:
     if kind == "experts-uniform":
         return _uniform(space, 2)  # 3 experts in every layer: the family's own config
-    if kind == "experts":  # layer i keeps i + 1 experts (the last layer all but none)
+    if kind == "moe-uniform":  # 4 experts of 6, 2 neurons of 4 steps, 1 KV group of 2
+        return tuple(
+            g.values.index((4, space.mlp_sizes[1])) if gi in space.pairs else 0
+            for gi, g in enumerate(space.genes)
+        )  # fmt: skip
+    if kind in ("experts", "width", "moe"):  # gene i at level i: layers differ
         return tuple(min(i, len(g.values) - 1) for i, g in enumerate(space.genes))
     genes = list(space.dense())
     genes[0] = genes[3] = 0  # layer 0's attention and layer 1's MLP removed
@@ -282,7 +355,7 @@ def exported(tmp_path_factory) -> dict:
     cases = {}
     for model_type, kind in CASES:
         model = build(model_type)
-        space = spaces.build(kind.split("-")[0], spaces.Structure.of(model), SEQ, _windows())
+        space = _space(model_type, kind.split("-")[0], model)
         pruned = copy.deepcopy(space.materialize(_candidate(space, kind)))
         out = root / f"{model_type}-{kind}"
         info = save_pruned(pruned, out, {})
@@ -300,21 +373,28 @@ def test_export_loads_and_generates_without_searcher(exported, model_type, kind)
     case = exported["cases"][(model_type, kind)]
     assert exported["result"]["searcher_importable"] is False
     got = exported["result"]["models"][case["dir"]]
-    # Qwen2-MoE here mixes dense and MoE layers: per-layer widths, recorded as such
-    remote = kind != "experts-uniform" or model_type == "qwen2_moe"
+    # a model mixing dense and MoE layers has per-layer widths: recorded as such; OLMoE's
+    # config sizes its q/k norms from hidden_size, so fewer heads need the modeling file too
+    remote = (
+        not kind.endswith("-uniform")
+        or model_type.endswith(":mixed")
+        or (model_type, kind) == ("olmoe", "moe-uniform")
+    )
     assert case["info"]["remote_code"] is remote
     diff = (torch.tensor(got["logits"]) - case["logits"]).abs().max()
     assert diff < 1e-4
     counts = [s["num_experts"] for s in case["info"]["layers"] if "num_experts" in s]
-    if kind.startswith("experts"):  # recorded per MoE layer (Qwen2-MoE's layer 1 is dense)
+    if kind.startswith("experts"):  # recorded per MoE layer (the mixed model's layer 1 is dense)
         uniform = kind == "experts-uniform"
         assert counts == ([3] * len(counts) if uniform else list(range(1, len(counts) + 1)))
+    if kind == "moe-uniform":
+        assert counts == [4] * len(counts)
     if remote:
         assert got["cached"] == got["recomputed"]
         assert got["cached_vs_recomputed_logits"] < 1e-4
-    else:
+    else:  # the family's own config, with the pruned counts
         config = json.loads((Path(case["dir"]) / "config.json").read_text())
-        assert config.get("num_experts", config.get("num_local_experts")) == 3
+        assert config.get("num_experts", config.get("num_local_experts")) == counts[0]
         assert config["num_experts_per_tok"] == 2
 
 

@@ -46,6 +46,11 @@ def spec(config: dict[str, Any], structure: Any, model_path: str, dtype: str) ->
     the dense model's ``spaces.Structure``, whose family says which channels a unit owns and
     which attributes follow a unit count; ``model_path`` and ``dtype`` say what to load."""
     refuse_unless_width(config)
+    if structure.moe:
+        raise SearcherError(
+            "Torch-Pruning removes channels of nn.Linear layers, not of a mixture-of-experts "
+            "model's fused expert tensors: export with --format pruned"
+        )
     blocks = {
         layer.name(block.name): (layer, block)
         for layer in structure.layers

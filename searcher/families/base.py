@@ -66,6 +66,9 @@ class Experts:
     router: tuple[str, ...]
     module: str  # the experts module: module(x, top_k_index, top_k_weights) -> output
     gate: str  # the router module: gate(x) -> (logits, top-k weights, top-k indices)
+    down: str = ""  # the experts' down projection (whose input axis is their neurons' slab)
+    # the shared expert's output projection (its neurons are units' slabs too), if it has one
+    shared: str = ""
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,11 @@ class Family:
             module = layer.get_submodule(path)
             if hasattr(module, "top_k"):
                 module.top_k = min(moe.top_k, count)
+
+    def expert_hidden(self, experts: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """A MoE layer's routed ``expert``'s hidden activations (the input of its down
+        projection) for tokens ``x``, from the layer's experts module."""
+        raise NotImplementedError
 
     # -- latency --------------------------------------------------------------------------
     def lean(self, model: nn.Module) -> Any:

@@ -24,11 +24,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from searcher.errors import SearcherError
-from searcher.families.base import BlockLayout, Experts, Shapes, Slab, get_tensor
-from searcher.families.llama import Llama
+from searcher.families.base import BlockLayout, Experts, Shapes, Slab, get_tensor, linear_slabs
+from searcher.families.llama import Llama, _has
 
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts")
 
@@ -68,19 +69,32 @@ class Mixtral(Llama):
             router=("mlp.gate.weight",),
             module="mlp.experts",
             gate="mlp.gate",
+            down=down,
         )
-        shared = tuple(
-            f"mlp.{n}" for n, _ in layer.get_submodule("mlp").named_parameters()
-            if n.startswith("shared_expert")
-        )  # fmt: skip
+        matmuls = ("mlp.gate.weight",)
+        if _has(layer, "mlp.shared_expert.down_proj.weight"):  # Qwen2-MoE
+            shared_width = get_tensor(layer, "mlp.shared_expert.down_proj.weight").shape[1]
+            # the shared expert's neurons, shared_width / width to a unit, pruned with the
+            # routed experts' (each ranked by its own score); refused where that is no whole
+            if shared_width % width:
+                raise SearcherError(
+                    f"the shared expert's width {shared_width} is not a multiple of the "
+                    f"experts' {width}: searcher cannot prune this {self.name} model"
+                )
+            each = ((0, shared_width // width),)
+            slabs += linear_slabs(
+                "mlp.shared_expert", [("gate_proj", each), ("up_proj", each)],
+                ("down_proj", each), layer,
+            )  # fmt: skip
+            matmuls += ("mlp.shared_expert_gate.weight",)
+            experts = replace(experts, shared="mlp.shared_expert.down_proj")
         return BlockLayout(
-            "mlp", "mlp", width, slabs, "mlp", matmuls=("mlp.gate.weight", *shared),
-            experts=experts,
+            "mlp", "mlp", width, slabs, "mlp", matmuls=matmuls, experts=experts
         )  # fmt: skip
 
-    def intermediate(self, model: nn.Module) -> int:
-        """Each routed expert's width."""
-        return int(getattr(model.config, self.intermediate_key))
+    def expert_hidden(self, experts: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up of ``expert`` (its gate and up rows fused, gate first)."""
+        return experts._apply_gate(nn.functional.linear(x, experts.gate_up_proj[expert]))
 
     def config_for(
         self, config: dict[str, Any], shapes: Shapes, groups: int, neurons: int,
@@ -89,6 +103,9 @@ class Mixtral(Llama):
         out = super().config_for(config, shapes, groups, neurons)
         if out is None or experts is None:
             return out
+        if "shared_expert_intermediate_size" in config:  # pruned with the routed experts
+            ratio = config["shared_expert_intermediate_size"] // config[self.intermediate_key]
+            out["shared_expert_intermediate_size"] = neurons * ratio
         top_k = int(config["num_experts_per_tok"])
         # every key that counts experts (Qwen3-MoE's config has num_local_experts as well)
         counts = {k: experts for k in EXPERT_COUNT_KEYS if k in config or k == self.count_key}
@@ -121,11 +138,9 @@ class Olmoe(Mixtral):
     model_types = ("olmoe",)
     count_key = "num_experts"
     always_renormalised = False
+    # its q/k norms are sized from hidden_size, so a config with fewer heads cannot build them
+    head_dim_in_config = False
 
 
 def _has_experts(layer: nn.Module) -> bool:
-    try:
-        get_tensor(layer, "mlp.experts.gate_up_proj")
-    except AttributeError:
-        return False
-    return True
+    return _has(layer, "mlp.experts.gate_up_proj")

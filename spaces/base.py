@@ -102,15 +102,6 @@ class SearchSpace(ABC):
         return pruned
 
 
-def refuse_moe(structure: Structure, space: str) -> None:
-    """A one-line refusal of a mixture-of-experts model in a space that does not prune one."""
-    if structure.moe:
-        raise SearcherError(
-            f"the {space} space does not prune mixture-of-experts models yet: use --space "
-            "experts, moe, width, joint or depth"
-        )
-
-
 def refuse_mixed(structure: Structure, space: str) -> None:
     """A one-line refusal of a model with both dense and MoE MLP layers, whose MLP widths
     differ from layer to layer (the width grid is one for all layers)."""

@@ -25,7 +25,7 @@ Attention, dense MLP layers and shared experts are not touched by this space.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -166,10 +166,13 @@ class Routing:
     frequency: torch.Tensor  # [experts] the share of tokens whose top k include the expert
     contribution: torch.Tensor  # [experts] the norm of its routing weight times its output
     hidden: torch.Tensor  # [experts, width] |routing weight * hidden activation| per neuron
+    # sums over the tokens routed to each expert (not means): for Wanda's input norms
+    input_sq: torch.Tensor  # [experts, hidden size] squared inputs
+    hidden_sq: torch.Tensor  # [experts, width] squared hidden activations
 
     def permuted(self, order: torch.Tensor) -> Routing:
         """The same, its experts in ``order``."""
-        return Routing(self.frequency[order], self.contribution[order], self.hidden[order])
+        return Routing(*(getattr(self, f.name)[order] for f in fields(self)))
 
 
 def routing_statistics(
@@ -180,8 +183,10 @@ def routing_statistics(
     activations by the family (``Family.expert_hidden``)."""
     family = structure.family
     found = [
-        Routing(*(torch.zeros(shape, dtype=torch.float64) for shape in (e, e, (e, width))))
-        for e, width in ((ly.mlp.experts.count, ly.mlp.units) for ly in layers)
+        Routing(
+            *(torch.zeros(shape, dtype=torch.float64) for shape in (e, e, (e, w), (e, h), (e, w)))
+        )
+        for e, w, h in ((ly.mlp.experts.count, ly.mlp.units, structure.hidden) for ly in layers)
     ]
     tokens = [0]
 
@@ -197,8 +202,10 @@ def routing_statistics(
                 g = weights[rows, slot].to(out.dtype)[:, None]
                 stats.frequency[e] += len(rows)
                 stats.contribution[e] += float((g * out).float().norm(dim=-1).sum())
-                hidden = g * family.expert_hidden(module, e, x[rows])
-                stats.hidden[e] += hidden.abs().double().sum(0).cpu()
+                hidden = family.expert_hidden(module, e, x[rows]).double()
+                stats.hidden[e] += (g.double() * hidden).abs().sum(0).cpu()
+                stats.hidden_sq[e] += hidden.square().sum(0).cpu()
+                stats.input_sq[e] += x[rows].double().square().sum(0).cpu()
             if i == 0:
                 tokens[0] += x.shape[0]
 
@@ -213,7 +220,10 @@ def routing_statistics(
     for _ in forward_batches(structure.model, windows, batch_size, handles):
         pass
     n = max(tokens[0], 1)
-    return [Routing(r.frequency / n, r.contribution / n, r.hidden / n) for r in found]
+    return [
+        Routing(r.frequency / n, r.contribution / n, r.hidden / n, r.input_sq, r.hidden_sq)
+        for r in found
+    ]
 
 
 def rank_experts(layer: Layer, score: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

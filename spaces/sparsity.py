@@ -34,8 +34,8 @@ from spaces.base import (
     block_costs,
     dense_blocks,
     fixed_costs,
-    refuse_moe,
 )
+from spaces.experts import routing_statistics
 from spaces.importance import input_statistics
 from spaces.structure import Structure
 
@@ -61,13 +61,14 @@ class SparsitySpace(SearchSpace):
         max_sparsity: float = 0.9,
     ) -> None:
         super().__init__(structure, seq_len)
-        refuse_moe(structure, self.name)
         if not 0 < step <= max_sparsity < 1:
             raise ValueError("need 0 < step <= max_sparsity < 1")
         n = int(max_sparsity / step + 1e-9)
         self.step, self.max_sparsity = step, max_sparsity
         self.sparsities = tuple(round(step * k, 6) for k in range(n, -1, -1))
-        # every matmul weight of every block, as (layer, module path relative to the layer)
+        # every matmul weight of every block, as (layer, path relative to the layer): a
+        # module's (nn.Linear, Conv1D), or a MoE's stacked experts' weight [experts, out, in],
+        # whose rows are every expert's output rows (the router is not pruned)
         self.linears = [
             (layer, slab.tensor.removesuffix(".weight"))
             for layer in structure.layers
@@ -84,8 +85,7 @@ class SparsitySpace(SearchSpace):
             )  # fmt: skip
             for layer, p in self.linears
         )
-        modules = {layer.name(p): layer.module.get_submodule(p) for layer, p in self.linears}
-        stats = input_statistics(structure.model, modules, windows, batch_size)
+        stats = self._statistics(windows, batch_size)
         checkpoint = CheckpointTensors.of(structure.model)
         self._shapes: list[tuple[int, int]] = []  # [out, in] of each gene's weight
         # per weight, the first level that keeps it (two to a byte up to 16 levels, as the
@@ -102,9 +102,8 @@ class SparsitySpace(SearchSpace):
         self._outliers: list[float] = []  # OWL's outlier ratio of each gene's decoder layer
         fingerprint = hashlib.sha256()
         total, count, first = 0.0, 0, 0  # the current decoder layer's scores so far
-        for gi, (layer, p) in enumerate(self.linears):
-            module = modules[layer.name(p)]
-            w = _rows_out(module).detach()
+        for gi, (layer, _) in enumerate(self.linears):
+            w = self._rows(gi)
             score = self._score(gi, stats)
             total, count = total + float(score.sum()), count + score.numel()
             rank = _row_ranks(score)
@@ -115,7 +114,7 @@ class SparsitySpace(SearchSpace):
             self._kept_from.append(_pack(kept) if self._packed else kept)
             del kept
             del rank
-            self._stored.append(_stored_name(checkpoint, layer.name(p) + ".weight", module))
+            self._stored.append(_stored_name(checkpoint, self._name(gi), self._weight(gi)))
             if self._stored[-1] is None:
                 self._copies[gi] = w.clone()
             if gi + 1 == len(self.linears) or self.linears[gi + 1][0] is not layer:
@@ -133,6 +132,51 @@ class SparsitySpace(SearchSpace):
             )  # fmt: skip
         self._applied = list(self.dense())
 
+    def _experts(self, gi: int) -> int:
+        """Experts stacked in gene gi's weight (0: an ordinary matmul weight)."""
+        layer, p = self.linears[gi]
+        moe = layer.mlp.experts
+        return moe.count if moe is not None and p in moe.tensors else 0
+
+    def _weight(self, gi: int) -> torch.Tensor:
+        """Gene gi's weight as the model holds it."""
+        layer, p = self.linears[gi]
+        return layer.tensor(p if self._experts(gi) else f"{p}.weight").detach()
+
+    def _rows(self, gi: int) -> torch.Tensor:
+        """Gene gi's weight as [out, in] rows (a view of the model's tensor)."""
+        layer, p = self.linears[gi]
+        if self._experts(gi):
+            t = self._weight(gi)
+            return t.view(-1, t.shape[-1])  # [experts * out, in]
+        return _rows_out(layer.module.get_submodule(p)).detach()
+
+    def _name(self, gi: int) -> str:
+        """Gene gi's weight's name in the model."""
+        layer, p = self.linears[gi]
+        return layer.name(p if self._experts(gi) else f"{p}.weight")
+
+    def _statistics(self, windows: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+        """Per gene (by name), the L2 norm of each input feature over the calibration tokens
+        ([in]; [experts, in] for stacked experts: over the tokens routed to each expert)."""
+        s = self.structure
+        plain = [gi for gi in range(len(self.linears)) if not self._experts(gi)]
+        modules = {
+            self.genes[gi].name: self.linears[gi][0].module.get_submodule(self.linears[gi][1])
+            for gi in plain
+        }
+        found = input_statistics(s.model, modules, windows, batch_size)
+        out = {name: stats["l2"] for name, stats in found.items()}
+        moe = [layer for layer in s.layers if layer.mlp.experts is not None]
+        routing = dict(zip(map(id, moe), routing_statistics(s, moe, windows, batch_size)))
+        for gi in range(len(self.linears)):
+            if self._experts(gi):
+                layer, p = self.linears[gi]
+                r = routing[id(layer)]
+                sq = r.hidden_sq if p == layer.mlp.experts.down else r.input_sq
+                out[self.genes[gi].name] = sq.sqrt()
+        return out
+
     def _first_kept(self, gi: int, rank: torch.Tensor) -> torch.Tensor:
         """Per weight, the first level whose mask keeps it: levels are ordered most zeroed
         first, and a weight of rank r is kept at every level zeroing at most r a row."""
@@ -141,21 +185,26 @@ class SparsitySpace(SearchSpace):
             first += rank < self._zeroed(gi, level)
         return first
 
-    def _score(self, gi: int, stats: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+    def _score(self, gi: int, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         """Wanda's score of each weight of gene gi, [out, in], in float64."""
-        layer, p = self.linears[gi]
-        w = _rows_out(layer.module.get_submodule(p)).detach()
-        return w.abs().double() * stats[layer.name(p)]["l2"][None, :].to(w.device)
+        w = self._rows(gi)
+        l2 = stats[self.genes[gi].name].to(w.device)
+        # stacked experts: each expert's rows by the norms of its own inputs
+        l2 = l2.repeat_interleave(w.shape[0] // len(l2), 0) if l2.dim() == 2 else l2[None, :]
+        return w.abs().double() * l2
 
     def _dense(self, gi: int) -> torch.Tensor:
         """Gene gi's dense weight as [out, in], on the model's device and in its dtype."""
         if gi in self._copies:
             return self._copies[gi]
         layer, p = self.linears[gi]
-        module = layer.module.get_submodule(p)
         stored = self._checkpoint.read(self._stored[gi])
-        dense = stored if in_axis(module) == 1 else stored.t()
-        return dense.to(device=module.weight.device, dtype=module.weight.dtype)
+        if self._experts(gi):
+            dense = stored.reshape(-1, stored.shape[-1])
+        else:
+            dense = stored if in_axis(layer.module.get_submodule(p)) == 1 else stored.t()
+        w = self._rows(gi)
+        return dense.to(device=w.device, dtype=w.dtype)
 
     def _zeroed(self, gi: int, level: int) -> int:
         """Weights zeroed per output row of gene gi's linear at this level: rounded up, so
@@ -172,8 +221,7 @@ class SparsitySpace(SearchSpace):
             for gi, level in enumerate(candidate):
                 if self._applied[gi] == level:
                     continue
-                layer, p = self.linears[gi]
-                out = _rows_out(layer.module.get_submodule(p)).data
+                out = self._rows(gi)
                 if self._by_rank:
                     keep = self._kept_from[gi] >= self._zeroed(gi, level)
                 elif self._packed:
@@ -187,25 +235,34 @@ class SparsitySpace(SearchSpace):
         s = self.structure
         fixed = fixed_costs(s, self.seq_len)
         dense = [
-            block_costs(s, layer, kind, None, self.seq_len)[:2]
+            block_costs(s, layer, kind, None, self.seq_len)
             for layer in s.layers
             for kind in ("attn", "mlp")
         ]
-        flops = fixed["flops"] + sum(f for f, _ in dense)
-        # what a block holds besides its matmul weights (biases, norms) stays dense
-        others = sum(p for _, p in dense) - sum(r * c for r, c in self._shapes)
-        nonzero = []
+        flops = fixed["flops"] + sum(f for f, _, _ in dense)
+        # what a block holds besides its matmul weights (biases, norms, a MoE router) stays
+        # dense
+        others = sum(p for _, p, _ in dense) - sum(r * c for r, c in self._shapes)
+        nonzero, active = [], []
         for gi in range(len(self.genes)):
             rows, cols = self._shapes[gi]
-            nonzero.append(
-                [rows * (cols - self._zeroed(gi, lv)) for lv in range(len(self.sparsities))]
-            )
+            kept = [rows * (cols - self._zeroed(gi, lv)) for lv in range(len(self.sparsities))]
+            nonzero.append(kept)
+            # stacked experts: a token uses its top k's (every expert has as many nonzeros)
+            experts = self._experts(gi)
+            runs = min(self.linears[gi][0].mlp.experts.top_k, experts) if experts else 0
+            active.append([n // experts * runs for n in kept] if experts else kept)
         zeros = [[0.0] * len(self.sparsities) for _ in self.genes]
-        return {
+        tables = {
             "flops": CostTable.build("flops", flops, zeros),
             "params": CostTable.build("params", fixed["params"] + others, nonzero),
             "nonzero": CostTable.build("nonzero", 0.0, nonzero),
         }
+        if "active_params" in fixed:
+            full = sum(a[-1] for a in active)  # the genes' weights dense, as used per token
+            rest = fixed["active_params"] + sum(a for _, _, a in dense) - full
+            tables["active_params"] = CostTable.build("active_params", rest, active)
+        return tables
 
     def blocks(self) -> tuple[list[Block], list[list[Block | None]]]:
         return dense_blocks(self.structure), [[None] * len(g.values) for g in self.genes]
@@ -250,12 +307,11 @@ def _row_ranks(score: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def _stored_name(checkpoint: CheckpointTensors | None, name: str, module: nn.Module) -> str | None:
-    """The checkpoint's name for ``module``'s weight (``name`` in the model) where the
-    checkpoint holds exactly the loaded values, else None."""
+def _stored_name(checkpoint: CheckpointTensors | None, name: str, w: torch.Tensor) -> str | None:
+    """The checkpoint's name for the weight ``w`` (``name`` in the model) where the checkpoint
+    holds exactly the loaded values, else None."""
     if checkpoint is None:
         return None
-    w = module.weight
     for key in (name, name.split(".", 1)[-1]):  # GPT-2's files omit "transformer."
         if key not in checkpoint:
             continue

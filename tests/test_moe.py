@@ -29,9 +29,9 @@ TYPES = sorted(MOE_CONFIGS)
 # the spaces that prune MoE models; a model mixing dense and MoE MLP layers: experts and depth
 PRUNING = {
     "experts": {}, "depth": {}, "width": {"mlp_steps": 4}, "joint": {"mlp_steps": 4},
-    "moe": {"mlp_steps": 4, "expert_steps": 3},
+    "moe": {"mlp_steps": 4, "expert_steps": 3}, "sparsity": {"step": 0.25, "max_sparsity": 0.75},
 }  # fmt: skip
-MIXED_ONLY = ("experts", "depth")
+MIXED_ONLY = ("experts", "depth", "sparsity")
 
 
 def _space(model_type: str, space_name: str, model=None, windows=None) -> spaces.SearchSpace:
@@ -50,17 +50,21 @@ def _experts(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("Experts")]
 
 
-def _active(model: torch.nn.Module) -> int:
+def _count(t: torch.Tensor, nonzero: bool) -> int:
+    return int(t.count_nonzero()) if nonzero and t.dim() >= 2 else t.numel()
+
+
+def _active(model: torch.nn.Module, nonzero: bool = False) -> int:
     """Parameters a token uses, counted from the model: all of them, less in each MoE layer
-    the experts beyond the top k it runs."""
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    the experts beyond the top k it runs (``nonzero``: matrices' nonzero weights only)."""
+    total = sum(_count(p, nonzero) for p in {id(p): p for p in model.parameters()}.values())
     for layer in model.model.layers:
         experts = getattr(layer.mlp, "experts", None)
         if experts is None:
             continue
         kept = experts.gate_up_proj.shape[0]
-        each = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // kept
-        total -= (kept - min(layer.mlp.gate.top_k, kept)) * each
+        per_expert = [_count(t[0], nonzero) for t in (experts.gate_up_proj, experts.down_proj)]
+        total -= (kept - min(layer.mlp.gate.top_k, kept)) * sum(per_expert)
     return total
 
 
@@ -94,8 +98,9 @@ def test_apply_costs_and_saved_model(model_type: str, space_name: str, tmp_path:
         pruned.set_experts_implementation("eager")
         torch.testing.assert_close(logits(pruned, ids), applied, atol=1e-5, rtol=1e-5)
         params = {id(p): p for p in pruned.parameters()}.values()
-        assert sum(p.numel() for p in params) == tables["params"].cost(c), c
-        assert _active(pruned) == tables["active_params"].cost(c), c
+        sparse = space_name == "sparsity"  # dense shapes: the search counts nonzero weights
+        assert sum(_count(p, sparse) for p in params) == tables["params"].cost(c), c
+        assert _active(pruned, sparse) == tables["active_params"].cost(c), c
         assert counted_flops(pruned, ids) == tables["flops"].cost(c), c
         save_pruned(pruned, tmp_path / "m", {})
         again = load_pruned(tmp_path / "m")
@@ -118,10 +123,28 @@ def test_pruning_experts_below_top_k_saves_active_compute(model_type: str) -> No
     assert tables["flops"].cost(one) < tables["flops"].cost(two) < tables["flops"].cost(dense)
 
 
-def test_sparsity_refuses_moe_models_in_one_line(model_type: str) -> None:
-    structure = spaces.Structure.of(build(model_type))
-    with pytest.raises(SearcherError, match="does not prune mixture-of-experts.*--space experts"):
-        spaces.build("sparsity", structure, SEQ, _windows())
+def test_sparsity_masks_each_expert_by_its_own_inputs(model_type: str) -> None:
+    """Every row of every expert loses the same share of its weights, ranked by Wanda's score
+    with the norms of that expert's own inputs (the tokens routed to it)."""
+    model = build(model_type)
+    space = _space(model_type, "sparsity", model)
+    stacked = [gi for gi in range(len(space.genes)) if space._experts(gi)]
+    assert stacked and all(".experts." in space.genes[gi].name for gi in stacked)
+    level = space.sparsities.index(0.5)
+    c = tuple(level if gi in stacked else len(g.values) - 1 for gi, g in enumerate(space.genes))
+    stats = space._statistics(_windows(), 4)  # on the dense model, as the space's were
+    space.apply(c)
+    for gi in stacked:
+        rows = space._rows(gi)
+        assert torch.all((rows == 0).sum(1) == rows.shape[1] // 2)
+        l2 = stats[space.genes[gi].name]
+        assert l2.shape[0] == 6 and not torch.allclose(l2[0], l2[1])  # per expert
+        dense = space._dense(gi)
+        score = dense.abs().double() * l2.repeat_interleave(rows.shape[0] // 6, 0)
+        inf = torch.tensor(float("inf"), dtype=score.dtype)
+        kept_min = torch.where(rows != 0, score, inf).min(1).values
+        zeroed_max = torch.where(rows == 0, score, -inf).max(1).values
+        assert torch.all(kept_min >= zeroed_max)  # within each row, the lowest scores go
 
 
 def test_width_ranks_each_experts_neurons_by_its_own_scores(model_type: str) -> None:
@@ -280,6 +303,8 @@ RUNS = [
     ("qwen2_moe", "width", "flops=0.7", "evo"),
     ("olmoe", "joint", "flops=0.6", "evo"),
     ("qwen2_moe:mixed", "depth", "flops=0.7", "evo"),
+    ("qwen3_moe", "sparsity", "sparsity=0.4", "evo"),
+    ("mixtral", "sparsity", "sparsity=0.4", "owl"),
     ("mixtral", "experts", "active_params=0.9", "evo"),
     ("olmoe", "experts", "params=0.7", "frequency"),
     ("qwen3_moe", "experts", "params=0.7", "uniform"),
@@ -307,8 +332,9 @@ def test_search_and_export(model_type, space_name, budget, algo, tmp_path: Path,
     kl = float(out.split("validation KL ")[1].split()[0])
     assert kl == pytest.approx(best["validation"]["kl"], rel=1e-4)
     loaded = load_pruned(tmp_path / "m")
-    assert sum(p.numel() for p in loaded.parameters()) == best["costs"]["params"]
-    assert _active(loaded) == best["costs"]["active_params"]
+    sparse = space_name == "sparsity"  # zeros in dense shapes: nonzero weights counted
+    assert sum(_count(p, sparse) for p in loaded.parameters()) == best["costs"]["params"]
+    assert _active(loaded, sparse) == best["costs"]["active_params"]
     if space_name in ("experts", "moe"):
         counts = [len(v["kept_experts"]) for v in best["config"].values() if "kept_experts" in v]
         assert counts and sum(counts) <= 6 * len(counts)
@@ -327,7 +353,7 @@ def test_onnx_and_latency_say_moe_is_not_supported(model_type: str, tmp_path: Pa
 
 
 CASES = [(t, kind) for t in TYPES for kind in ("experts", "experts-uniform", "depth")] + [
-    (t, kind) for t in FULL for kind in ("width", "moe", "moe-uniform")
+    (t, kind) for t in FULL for kind in ("width", "moe", "moe-uniform", "sparsity")
 ]
 
 
@@ -339,6 +365,8 @@ def _candidate(space: spaces.SearchSpace, kind: str) -> tuple[int, ...]:
             g.values.index((4, space.mlp_sizes[1])) if gi in space.pairs else 0
             for gi, g in enumerate(space.genes)
         )  # fmt: skip
+    if kind == "sparsity":
+        return _mid(space)
     if kind in ("experts", "width", "moe"):  # gene i at level i: layers differ
         return tuple(min(i, len(g.values) - 1) for i, g in enumerate(space.genes))
     genes = list(space.dense())
@@ -376,7 +404,7 @@ def test_export_loads_and_generates_without_searcher(exported, model_type, kind)
     # a model mixing dense and MoE layers has per-layer widths: recorded as such; OLMoE's
     # config sizes its q/k norms from hidden_size, so fewer heads need the modeling file too
     remote = (
-        not kind.endswith("-uniform")
+        not kind.endswith(("-uniform", "sparsity"))
         or model_type.endswith(":mixed")
         or (model_type, kind) == ("olmoe", "moe-uniform")
     )

@@ -141,6 +141,11 @@ def export_llmcompressor(
     (``session``): per linear layer, its input features and the weights its mask zeroes per
     row at the searched level."""
     space = session.space
+    if space.structure.moe:
+        raise SearcherError(
+            "LLM Compressor's pruning modifiers target nn.Linear modules, and a mixture-of-"
+            "experts model's experts are fused 3-D tensors: export with --format pruned"
+        )
     rows = {
         gene.name: space.row_zeros(gi, level)  # the space's own count
         for gi, (gene, level) in enumerate(zip(space.genes, genes, strict=True))

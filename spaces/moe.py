@@ -57,12 +57,15 @@ class MoeSpace(WidthSpace):
         # experts first: ranked and permuted in place, so that the width space ranks each
         # expert's neurons in the experts' kept order
         self.expert_order: dict[int, list[int]] = {}
-        self._routers: dict[int, dict[str, torch.Tensor]] = {}
+        # per layer, what only the expert count cuts: the router's rows, expert biases that
+        # no neuron owns (gpt-oss's down projection's)
+        self._by_count: dict[int, dict[str, torch.Tensor]] = {}
         self._ranked: dict[int, Routing] = {}
         for layer, r in zip(moe, routing_statistics(structure, moe, windows, batch_size)):
             best, full = rank_experts(layer, r.contribution)
             self.expert_order[layer.index] = best.tolist()
-            self._routers[layer.index] = {p: full[p] for p in layer.mlp.experts.router}
+            sliced = {slab.tensor for slab in layer.mlp.slabs}
+            self._by_count[layer.index] = {p: t for p, t in full.items() if p not in sliced}
             self._ranked[layer.index] = r.permuted(best)
         self._kept: dict[int, int] = {}  # layer index -> experts the model keeps now
         super().__init__(
@@ -108,11 +111,11 @@ class MoeSpace(WidthSpace):
 
     def _keep_experts(self, gi: int, count: int) -> None:
         """Cut MoE gene ``gi``'s layer to its first ``count`` experts (the router's rows now,
-        the experts' tensors when its width is next sliced)."""
+        the experts' neurons' tensors when its width is next sliced)."""
         layer = self.structure.layers[gi // 2]
         if self._kept[layer.index] == count:
             return
-        for path, t in self._routers[layer.index].items():
+        for path, t in self._by_count[layer.index].items():
             layer.set(path, t[:count])
         self.structure.family.set_experts(layer.module, layer.mlp, count)
         self._kept[layer.index] = count

@@ -144,12 +144,21 @@ class SparsitySpace(SearchSpace):
         return layer.tensor(p if self._experts(gi) else f"{p}.weight").detach()
 
     def _rows(self, gi: int) -> torch.Tensor:
-        """Gene gi's weight as [out, in] rows (a view of the model's tensor)."""
+        """Gene gi's weight as [out, in] rows: a view of the model's tensor, or for stacked
+        experts held [experts, in, out] (gpt-oss) a copy (``_write`` puts rows back)."""
         layer, p = self.linears[gi]
         if self._experts(gi):
-            t = self._weight(gi)
-            return t.view(-1, t.shape[-1])  # [experts * out, in]
+            return _stacked_rows(self._weight(gi), layer.mlp.experts.transposed)
         return _rows_out(layer.module.get_submodule(p)).detach()
+
+    def _write(self, gi: int, dense: torch.Tensor, keep: torch.Tensor) -> None:
+        """Set gene gi's weight to ``dense`` rows where ``keep``, zero elsewhere."""
+        layer = self.linears[gi][0]
+        if self._experts(gi) and layer.mlp.experts.transposed:
+            t = self._weight(gi)
+            t.copy_((dense * keep).view(t.shape[0], t.shape[2], t.shape[1]).transpose(1, 2))
+        else:
+            torch.mul(dense, keep, out=self._rows(gi))
 
     def _name(self, gi: int) -> str:
         """Gene gi's weight's name in the model."""
@@ -200,7 +209,7 @@ class SparsitySpace(SearchSpace):
         layer, p = self.linears[gi]
         stored = self._checkpoint.read(self._stored[gi])
         if self._experts(gi):
-            dense = stored.reshape(-1, stored.shape[-1])
+            dense = _stacked_rows(stored, layer.mlp.experts.transposed)
         else:
             dense = stored if in_axis(layer.module.get_submodule(p)) == 1 else stored.t()
         w = self._rows(gi)
@@ -221,14 +230,13 @@ class SparsitySpace(SearchSpace):
             for gi, level in enumerate(candidate):
                 if self._applied[gi] == level:
                     continue
-                out = self._rows(gi)
                 if self._by_rank:
                     keep = self._kept_from[gi] >= self._zeroed(gi, level)
                 elif self._packed:
                     keep = _unpack(self._kept_from[gi], self._shapes[gi][1]) <= level
                 else:
                     keep = self._kept_from[gi] <= level
-                torch.mul(self._dense(gi), keep, out=out)
+                self._write(gi, self._dense(gi), keep)
                 self._applied[gi] = level
 
     def cost_tables(self) -> dict[str, CostTable]:
@@ -319,6 +327,14 @@ def _stored_name(checkpoint: CheckpointTensors | None, name: str, w: torch.Tenso
         if stored.shape == w.shape and torch.equal(stored.to(w.device, w.dtype), w.detach()):
             return key
     return None
+
+
+def _stacked_rows(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """Stacked experts' weight [experts, out, in] (or [experts, in, out], ``transposed``) as
+    [experts * out, in] rows: a view, or for the transposed layout a copy."""
+    if transposed:
+        return t.transpose(1, 2).reshape(-1, t.shape[1])
+    return t.view(-1, t.shape[-1])
 
 
 def _rows_out(module: nn.Module) -> torch.Tensor:

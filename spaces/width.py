@@ -253,7 +253,7 @@ def _rank_experts_neurons(
         t = layer.tensor(slab.tensor).detach()
         if slab.tensor in moe.tensors:  # [experts, ...]: each expert by its own order
             full[slab.tensor] = torch.stack([
-                t[e].index_select(slab.axis - 1, _neuron_rows(slab, o.to(t.device)))
+                t[e].index_select(slab.axis - 1, slab.indices(o.to(t.device), t.device))
                 for e, o in enumerate(order)
             ]).contiguous()  # fmt: skip
         else:
@@ -263,7 +263,8 @@ def _rank_experts_neurons(
 
 
 def _neuron_rows(slab: Slab, neurons: torch.Tensor) -> torch.Tensor:
-    """Indices along a slab's axis of ``neurons`` (an order of every neuron of a segment)."""
+    """Indices along a slab's axis of ``neurons`` (an order of every index of a segment: a
+    shared expert's neurons, several to a unit)."""
     return torch.cat([off + neurons for off, _ in slab.segments])
 
 

@@ -155,6 +155,10 @@ MOE_CONFIGS: dict[str, Callable[[], object]] = {
         "qwen3_moe", **MOE, num_experts=6, moe_intermediate_size=32, norm_topk_prob=True
     ),  # fmt: skip
     "olmoe": _config("olmoe", **{**MOE, "intermediate_size": 32}, num_experts=6, eos_token_id=1),
+    # attention sinks, biases; transposed, interleaved experts with biases; a router bias
+    "gpt_oss": _config(
+        "gpt_oss", **{**MOE, "intermediate_size": 32}, num_local_experts=6, sliding_window=8
+    ),
 }
 # one model type per family module: the whole command-line search and export
 SEARCHED = {"llama", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "opt", "falcon"}

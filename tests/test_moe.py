@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,9 @@ def _active(model: torch.nn.Module, nonzero: bool = False) -> int:
         if experts is None:
             continue
         kept = experts.gate_up_proj.shape[0]
-        per_expert = [_count(t[0], nonzero) for t in (experts.gate_up_proj, experts.down_proj)]
-        total -= (kept - min(layer.mlp.gate.top_k, kept)) * sum(per_expert)
+        per_expert = [_count(t[0], nonzero) for t in experts.parameters()]  # weights, biases
+        router = getattr(layer.mlp, "gate", None) or layer.mlp.router
+        total -= (kept - min(router.top_k, kept)) * sum(per_expert)
     return total
 
 
@@ -117,7 +119,9 @@ def test_pruning_experts_below_top_k_saves_active_compute(model_type: str) -> No
     tables = space.cost_tables()
     dense, two, one = space.dense(), _uniform(space, 1), _uniform(space, 0)
     assert tables["params"].cost(two) < tables["params"].cost(dense)
-    router_rows = (6 - 2) * space.structure.hidden * len(space.genes)
+    layers = space.moe_layers
+    row = sum(math.prod(layers[0].sizes[p][1:]) for p in layers[0].mlp.experts.router)
+    router_rows = (6 - 2) * row * len(layers)  # each kept expert's router row (and bias)
     assert tables["active_params"].cost(dense) - tables["active_params"].cost(two) == router_rows
     assert tables["active_params"].cost(one) < tables["active_params"].cost(two)
     assert tables["flops"].cost(one) < tables["flops"].cost(two) < tables["flops"].cost(dense)
@@ -205,6 +209,7 @@ def _routing(model: torch.nn.Module, gate: torch.nn.Module, block: torch.nn.Modu
         seen["x"], seen["gate"] = args[0].detach(), tuple(o.detach() for o in out)
 
     def output(_m, _args, out):
+        out = out[0] if isinstance(out, tuple) else out  # gpt-oss: (output, router scores)
         seen["out"] = out.detach().reshape(-1, out.shape[-1])
 
     handles = [gate.register_forward_hook(router), block.register_forward_hook(output)]

@@ -12,8 +12,9 @@ before the weights load, changed as ``config.searcher_pruned`` says, all plain d
 comparing the pruned model with a dense one built from the same config:
 
 - ``removed``: module name -> ``{"attention": bool, "features": int | None,
-  "layer": int | None}`` (``layer``: a removed attention's index in the KV cache), a block
-  replaced by ``RemovedBlock``, which adds nothing to the residual stream;
+  "layer": int | None}`` (``layer``: a removed attention's index in the KV cache; ``"pair":
+  true`` for an MLP that returns two values), a block replaced by ``RemovedBlock``, which
+  adds nothing to the residual stream;
 - ``parameters``: parameter name -> its shape, for each parameter whose shape changed (each is
   replaced by an empty parameter of that shape, which the weights then fill);
 - ``attributes``: module name -> ``{attribute: value}``, module attributes that follow the
@@ -49,22 +50,25 @@ class RemovedBlock(nn.Module):
     of tokens seen, whichever layers lost their attention."""
 
     def __init__(
-        self, attention: bool, features: int | None = None, layer: int | None = None
-    ) -> None:
+        self, attention: bool, features: int | None = None, layer: int | None = None,
+        pair: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.attention = attention
         self.features = features
         self.layer = layer  # a removed attention's index in the KV cache
+        self.pair = pair  # an MLP whose callers unpack (output, router scores): gpt-oss's
 
     def removed_as(self) -> dict[str, Any]:
         """What stands in, as plain data (``reshape`` builds it again from this)."""
-        return {"attention": self.attention, "features": self.features, "layer": self.layer}
+        how = {"attention": self.attention, "features": self.features, "layer": self.layer}
+        return {**how, "pair": True} if self.pair else how
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         width = hidden_states.shape[-1] if self.features is None else self.features
         zeros = hidden_states.new_zeros(*hidden_states.shape[:-1], width)
         if not self.attention:
-            return zeros
+            return (zeros, None) if self.pair else zeros
         record_tokens(kwargs, hidden_states, self.layer)
         return zeros, None
 

@@ -67,6 +67,7 @@ class Experts:
     module: str  # the experts module: module(x, top_k_index, top_k_weights) -> output
     gate: str  # the router module: gate(x) -> (logits, top-k weights, top-k indices)
     down: str = ""  # the experts' down projection (whose input axis is their neurons' slab)
+    transposed: bool = False  # stacked weights are [experts, in, out] (else [experts, out, in])
     # the shared expert's output projection (its neurons are units' slabs too), if it has one
     shared: str = ""
 
@@ -125,9 +126,12 @@ class Dropped(RemovedBlock):
     tokens at ``layer`` (its index in the cache). ``removed_as`` says, as plain data, what
     stands in (exports record it)."""
 
-    def __init__(self, kind: str, features: int | None = None, layer: int | None = None) -> None:
+    def __init__(
+        self, kind: str, features: int | None = None, layer: int | None = None,
+        pair: bool = False,
+    ) -> None:  # fmt: skip
         attention = kind == "attn"
-        super().__init__(attention, features, layer if attention else None)
+        super().__init__(attention, features, layer if attention else None, pair)
         self.kind = kind
 
 
@@ -172,6 +176,7 @@ class Family:
     intermediate_key: ClassVar[str] = "intermediate_size"
     head_dim_in_config: ClassVar[bool] = True  # False: derived from hidden / heads
     note: ClassVar[str] = ""  # what a user should know (README table)
+    mlp_pair: ClassVar[bool] = False  # the MLP returns (output, router scores): gpt-oss
 
     # -- layout ---------------------------------------------------------------------------
     def shapes(self, model: nn.Module) -> Shapes:
@@ -212,7 +217,9 @@ class Family:
         owner, _, attr = block.name.rpartition(".")
         parent = layer.get_submodule(owner)
         original = getattr(parent, attr)
-        setattr(parent, attr, Dropped(block.kind, layer=getattr(original, "layer_idx", None)))
+        pair = self.mlp_pair and block.kind == "mlp"
+        stand_in = Dropped(block.kind, layer=getattr(original, "layer_idx", None), pair=pair)
+        setattr(parent, attr, stand_in)
         return original
 
     def restore(self, layer: nn.Module, block: BlockLayout, original: Any) -> None:

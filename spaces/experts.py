@@ -145,7 +145,6 @@ class ExpertsSpace(SearchSpace):
         each expert, in the order the levels keep them; ``expert_contribution`` likewise, the
         mean norm of what each adds to the output; ``units``: per gene and level, the experts
         kept."""
-
         return {
             "expert_frequency": [r.frequency.tolist() for r in self.routing],
             "expert_contribution": [r.contribution.tolist() for r in self.routing],

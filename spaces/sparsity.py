@@ -177,7 +177,8 @@ class SparsitySpace(SearchSpace):
         found = input_statistics(s.model, modules, windows, batch_size)
         out = {name: stats["l2"] for name, stats in found.items()}
         moe = [layer for layer in s.layers if layer.mlp.experts is not None]
-        routing = dict(zip(map(id, moe), routing_statistics(s, moe, windows, batch_size)))
+        found_routing = routing_statistics(s, moe, windows, batch_size) if moe else []
+        routing = dict(zip(map(id, moe), found_routing))
         for gi in range(len(self.linears)):
             if self._experts(gi):
                 layer, p = self.linears[gi]

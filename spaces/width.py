@@ -13,6 +13,11 @@ once, so that every level keeps a prefix: applying a candidate points each layer
 the full weights, with no copy (fused projections, whose units own several segments, gather
 the kept rows instead). Which tensors a unit owns is the model family's business
 (``searcher.families``).
+
+In a mixture-of-experts block a unit is one neuron of every routed expert: each expert's
+neurons are ranked by its own routed activations (so a level keeps each expert's own best),
+and a shared expert's neurons, a whole multiple of an expert's width, go at the same share,
+ranked by their own scores. Stacked expert weights are sliced into contiguous copies.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from searcher.export.pruned import save_pruned
 from searcher.run import problem_for
 from tests.helpers import counted_flops, logits
 from tests.test_export_hf import load_without_searcher
-from tests.test_families import MOE_CONFIGS, SEQ, TINY, _mid, _save, _windows, build
+from tests.test_families import MOE, MOE_CONFIGS, SEQ, TINY, _mid, _save, _windows, build
 
 TYPES = sorted(MOE_CONFIGS)
 # the spaces that prune MoE models; a model mixing dense and MoE MLP layers: experts and depth
@@ -170,6 +170,40 @@ def test_width_ranks_each_experts_neurons_by_its_own_scores(model_type: str) -> 
             assert narrow[gene.name]["shared_expert_intermediate_size"] == 2 * space.mlp_sizes[0]
     for unit_scores in space.priors()["unit_scores"]:
         assert unit_scores == sorted(unit_scores, reverse=True)
+
+
+def test_a_shared_expert_of_no_whole_multiple_of_the_width_is_kept_whole(tmp_path: Path):
+    """Qwen2-MoE with a shared expert 1.5 experts wide: width prunes the routed experts and
+    keeps the shared expert whole; costs stay exact and the uniform export is the family's
+    own checkpoint with the shared expert's width unchanged."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "qwen2_moe", **MOE, num_experts=6, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    model.set_experts_implementation("eager")
+    space = spaces.build(
+        "width", spaces.Structure.of(model), SEQ, _windows(), options={"mlp_steps": 4}
+    )
+    c = (1,) * len(space.genes)
+    pruned = space.materialize(c)
+    pruned.set_experts_implementation("eager")
+    ids = _windows()[:1]
+    shared = pruned.model.layers[0].mlp.shared_expert
+    assert shared.down_proj.weight.shape[1] == 48
+    assert pruned.model.layers[0].mlp.experts.down_proj.shape[2] == space.mlp_sizes[1]
+    tables = space.cost_tables()
+    assert sum(p.numel() for p in pruned.parameters()) == tables["params"].cost(c)
+    assert counted_flops(pruned, ids) == tables["flops"].cost(c)
+    info = save_pruned(pruned, tmp_path / "m", {})
+    assert info["remote_code"] is False
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["shared_expert_intermediate_size"] == 48
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(logits(reloaded, ids), logits(pruned, ids), atol=1e-5, rtol=1e-5)
 
 
 def test_moe_space_levels_pair_experts_and_width(model_type: str) -> None:

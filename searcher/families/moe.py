@@ -74,20 +74,17 @@ class Mixtral(Llama):
         matmuls = ("mlp.gate.weight",)
         if _has(layer, "mlp.shared_expert.down_proj.weight"):  # Qwen2-MoE
             shared_width = get_tensor(layer, "mlp.shared_expert.down_proj.weight").shape[1]
-            # the shared expert's neurons, shared_width / width to a unit, pruned with the
-            # routed experts' (each ranked by its own score); refused where that is no whole
-            if shared_width % width:
-                raise SearcherError(
-                    f"the shared expert's width {shared_width} is not a multiple of the "
-                    f"experts' {width}: searcher cannot prune this {self.name} model"
-                )
-            each = ((0, shared_width // width),)
-            slabs += linear_slabs(
-                "mlp.shared_expert", [("gate_proj", each), ("up_proj", each)],
-                ("down_proj", each), layer,
-            )  # fmt: skip
+            linears = ("gate_proj", "up_proj", "down_proj")
             matmuls += ("mlp.shared_expert_gate.weight",)
-            experts = replace(experts, shared="mlp.shared_expert.down_proj")
+            if shared_width % width:  # no whole number of its neurons to a unit: kept whole
+                matmuls += tuple(f"mlp.shared_expert.{n}.weight" for n in linears)
+            else:  # shared_width / width of its neurons to a unit, pruned with the experts'
+                each = ((0, shared_width // width),)
+                slabs += linear_slabs(
+                    "mlp.shared_expert", [(linears[0], each), (linears[1], each)],
+                    (linears[2], each), layer,
+                )  # fmt: skip
+                experts = replace(experts, shared="mlp.shared_expert.down_proj")
         return BlockLayout(
             "mlp", "mlp", width, slabs, "mlp", matmuls=matmuls, experts=experts
         )  # fmt: skip
@@ -103,9 +100,9 @@ class Mixtral(Llama):
         out = super().config_for(config, shapes, groups, neurons)
         if out is None or experts is None:
             return out
-        if "shared_expert_intermediate_size" in config:  # pruned with the routed experts
-            ratio = config["shared_expert_intermediate_size"] // config[self.intermediate_key]
-            out["shared_expert_intermediate_size"] = neurons * ratio
+        shared, width = config.get("shared_expert_intermediate_size"), config[self.intermediate_key]
+        if shared and shared % width == 0:  # pruned with the routed experts (else kept whole)
+            out["shared_expert_intermediate_size"] = neurons * (shared // width)
         top_k = int(config["num_experts_per_tok"])
         # every key that counts experts (Qwen3-MoE's config has num_local_experts as well)
         counts = {k: experts for k in EXPERT_COUNT_KEYS if k in config or k == self.count_key}

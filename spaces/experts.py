@@ -65,7 +65,7 @@ class ExpertsSpace(SearchSpace):
         order: str = "contribution",
     ) -> None:
         super().__init__(structure, seq_len)
-        self.moe_layers = [layer for layer in structure.layers if layer.mlp.experts is not None]
+        self.moe_layers = structure.moe_layers
         if not self.moe_layers:
             raise SearcherError(
                 f"the experts space needs a mixture-of-experts model: this "
@@ -223,6 +223,15 @@ def routing_statistics(
         Routing(r.frequency / n, r.contribution / n, r.hidden / n, r.input_sq, r.hidden_sq)
         for r in found
     ]
+
+
+def routing_by_layer(
+    structure: Structure, windows: torch.Tensor, batch_size: int
+) -> dict[int, Routing]:
+    """``routing_statistics`` of every MoE layer, by layer index (no pass without one)."""
+    moe = structure.moe_layers
+    found = routing_statistics(structure, moe, windows, batch_size) if moe else []
+    return {layer.index: r for layer, r in zip(moe, found, strict=True)}
 
 
 def rank_experts(layer: Layer, score: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

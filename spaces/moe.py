@@ -20,7 +20,7 @@ import torch
 from latency_models.table import CostTable
 from searcher.errors import SearcherError
 from spaces.base import Block, Gene, block_costs, cost_tables, dense_blocks, digest, fixed_costs
-from spaces.experts import Routing, rank_experts, routing_statistics
+from spaces.experts import Routing, rank_experts, routing_by_layer
 from spaces.structure import Structure
 from spaces.width import WidthSpace
 
@@ -44,7 +44,7 @@ class MoeSpace(WidthSpace):
         expert_steps: int = 8,
         min_experts: int = 1,
     ) -> None:
-        moe = [layer for layer in structure.layers if layer.mlp.experts is not None]
+        moe = structure.moe_layers
         if not moe:
             raise SearcherError(
                 f"the moe space needs a mixture-of-experts model: this {structure.family.name} "
@@ -61,7 +61,9 @@ class MoeSpace(WidthSpace):
         # no neuron owns (gpt-oss's down projection's)
         self._by_count: dict[int, dict[str, torch.Tensor]] = {}
         self._ranked: dict[int, Routing] = {}
-        for layer, r in zip(moe, routing_statistics(structure, moe, windows, batch_size)):
+        routing = routing_by_layer(structure, windows, batch_size)  # one pass, all layers
+        for layer in moe:
+            r = routing[layer.index]
             best, full = rank_experts(layer, r.contribution)
             self.expert_order[layer.index] = best.tolist()
             sliced = {slab.tensor for slab in layer.mlp.slabs}

@@ -35,7 +35,7 @@ from spaces.base import (
     dense_blocks,
     fixed_costs,
 )
-from spaces.experts import routing_statistics
+from spaces.experts import routing_by_layer
 from spaces.importance import input_statistics
 from spaces.structure import Structure
 
@@ -176,13 +176,11 @@ class SparsitySpace(SearchSpace):
         }
         found = input_statistics(s.model, modules, windows, batch_size)
         out = {name: stats["l2"] for name, stats in found.items()}
-        moe = [layer for layer in s.layers if layer.mlp.experts is not None]
-        found_routing = routing_statistics(s, moe, windows, batch_size) if moe else []
-        routing = dict(zip(map(id, moe), found_routing))
+        routing = routing_by_layer(s, windows, batch_size)
         for gi in range(len(self.linears)):
             if self._experts(gi):
                 layer, p = self.linears[gi]
-                r = routing[id(layer)]
+                r = routing[layer.index]
                 sq = r.hidden_sq if p == layer.mlp.experts.down else r.input_sq
                 out[self.genes[gi].name] = sq.sqrt()
         return out

@@ -90,9 +90,14 @@ class Structure:
         return self.kv_heads if kind == "attn" else self.intermediate
 
     @property
+    def moe_layers(self) -> list[Layer]:
+        """The layers whose MLP routes tokens to experts."""
+        return [layer for layer in self.layers if layer.mlp.experts is not None]
+
+    @property
     def moe(self) -> bool:
         """Whether some layer routes tokens to experts."""
-        return any(layer.mlp.experts is not None for layer in self.layers)
+        return bool(self.moe_layers)
 
     def drop(self, layer: Layer, kind: str) -> None:
         if kind not in layer._removed:

@@ -31,7 +31,7 @@ from latency_models.table import CostTable
 from searcher.families import BlockLayout, Slab
 from searcher.families.base import in_axis
 from spaces.base import Block, Gene, SearchSpace, block_tables, digest, refuse_mixed
-from spaces.experts import Routing, routing_statistics
+from spaces.experts import Routing, routing_by_layer
 from spaces.importance import input_statistics
 from spaces.structure import Layer, Structure
 
@@ -134,10 +134,7 @@ class WidthSpace(SearchSpace):
 
     def routing(self, windows: torch.Tensor, batch_size: int) -> dict[int, Routing]:
         """Calibration routing of each MoE layer (by layer index), for ranking neurons."""
-        s = self.structure
-        moe = [layer for layer in s.layers if layer.mlp.experts is not None]
-        found = routing_statistics(s, moe, windows, batch_size) if moe else []
-        return {layer.index: r for layer, r in zip(moe, found, strict=True)}
+        return routing_by_layer(self.structure, windows, batch_size)
 
     def apply(self, candidate: Sequence[int]) -> None:
         for gi, level in enumerate(candidate):

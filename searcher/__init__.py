@@ -18,6 +18,23 @@ def evaluate_config(path: str, **kwargs):
     return _evaluate(path, **kwargs)
 
 
+def evaluate(path: str, **kwargs):
+    """Score a config, a run's best config, or a pruned or healed model directory against the
+    dense model (see ``searcher.evaluate.evaluate``)."""
+    from searcher.evaluate import evaluate as _evaluate
+
+    return _evaluate(path, **kwargs)
+
+
+def heal(source: str, out: str, settings=None, **kwargs):
+    """Distil a config's pruned model from the dense model and write it (see
+    ``searcher.heal.heal``; ``settings`` a ``searcher.heal.HealSettings``)."""
+    from searcher.heal import HealSettings
+    from searcher.heal import heal as _heal
+
+    return _heal(source, out, settings or HealSettings(), **kwargs)
+
+
 def load_pruned(path: str, **kwargs):
     """Load a pruned model written by ``searcher export --format pruned`` or ``searcher apply``
     (see ``searcher.export.pruned``)."""
@@ -26,4 +43,4 @@ def load_pruned(path: str, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["RunSpec", "SearcherError", "evaluate_config", "load_pruned", "run"]
+__all__ = ["RunSpec", "SearcherError", "evaluate", "evaluate_config", "heal", "load_pruned", "run"]

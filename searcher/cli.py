@@ -223,9 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--trust-remote-code", action="store_true")
 
     e = sub.add_parser(
-        "eval", parents=[common], help="score a saved config (best.json or pareto.json) on text"
-    )
-    e.add_argument("config", help="best.json, or pareto.json with --pick")
+        "eval", parents=[common],
+        help="score a config, a run, or a pruned or healed model directory against the dense model",
+    )  # fmt: skip
+    e.add_argument("config", metavar="PATH",
+                   help="best.json, pareto.json with --pick, a run directory, or a model "
+                   "directory written by export --format pruned or heal")  # fmt: skip
     e.add_argument("--data", help=".txt or .jsonl (default: the run's validation windows)")
     e.add_argument("--pick", type=int, help="entry of pareto.json (default 0)")
     e.add_argument("--windows", type=int, default=8, help="max windows of --data to score")
@@ -235,7 +238,112 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     e.add_argument("--trust-remote-code", action="store_true")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_heal(sub, common)
     return parser
+
+
+def _add_heal(sub: Any, common: argparse.ArgumentParser) -> None:
+    from searcher.heal import HealSettings
+
+    d = HealSettings()
+    h = sub.add_parser(
+        "heal", parents=[common],
+        help="distil a pruned config from the dense model and write the healed model",
+        description="Knowledge distillation (KL on logits) of a config's pruned model from "
+        "the dense model on calibration text; writes a pruned export and heal.json.",
+    )  # fmt: skip
+    h.add_argument("source", metavar="RUN_DIR|CONFIG",
+                   help="a run directory, best.json, pareto.json or a canonical "
+                   "config")  # fmt: skip
+    h.add_argument("--out", required=True, help="directory for the healed model and heal.json")
+    h.add_argument("--pick", help="best (default) or an index into pareto.json")
+    h.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps ({d.steps})")
+    h.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"windows per step ({d.batch_size})")  # fmt: skip
+    h.add_argument("--seq-len", type=int, default=d.seq_len,
+                   help=f"tokens per window ({d.seq_len})")  # fmt: skip
+    h.add_argument("--lr", type=float, help="peak learning rate (1e-4; 1e-3 with --lora)")
+    h.add_argument("--warmup", type=float, default=d.warmup,
+                   help=f"share of the steps warming up ({d.warmup})")  # fmt: skip
+    h.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    h.add_argument("--clip", type=float, default=d.clip, help=f"gradient-norm clip ({d.clip})")
+    h.add_argument("--seed", type=int, default=d.seed)
+    h.add_argument("--lora", type=int, metavar="R",
+                   help="train rank-R LoRA adapters (peft), merged at the end, instead of all "
+                   "weights")  # fmt: skip
+    h.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="K",
+                   help=f"write a checkpoint every K steps ({d.checkpoint_every})")  # fmt: skip
+    h.add_argument("--eval-every", type=int, metavar="K",
+                   help="held-out KL every K steps, for the curve (default: at "
+                   "checkpoints)")  # fmt: skip
+    h.add_argument("--validation-windows", type=int, default=d.validation_windows,
+                   help=f"last windows of the text held out ({d.validation_windows})")  # fmt: skip
+    h.add_argument("--data", help=".txt or .jsonl to heal on (default: the run's text)")
+    h.add_argument("--device", default=d.device, help="cpu (float32) or cuda (bfloat16)")
+    h.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    h.add_argument("--model", help="the dense model directory, if it moved since the run")
+    h.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --out")  # fmt: skip
+    h.add_argument("--trust-remote-code", action="store_true")
+    h.add_argument("--json", action="store_true", help="print heal.json's figures as JSON")
+
+
+def _heal(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from searcher.heal import HealSettings, heal
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SearcherError("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = HealSettings(
+        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+        warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
+        lora=args.lora, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+        validation_windows=args.validation_windows, data=args.data, device=args.device,
+    )  # fmt: skip
+    settings.check()
+    columns = (
+        TextColumn("[bold]{task.description}"), BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} steps"),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("held-out KL {task.fields[kl]}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+    )  # fmt: skip
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("loading", total=settings.steps, loss="-", kl="-")
+
+        def on_step(state) -> None:
+            kl = state.curve[-1]["kl"] if state.curve else None
+            bar.update(task, completed=state.step, loss=f"{state.losses[-1]:.4f}",
+                       kl="-" if kl is None else f"{kl:.4f}")  # fmt: skip
+
+        res = heal(
+            args.source, args.out, settings, args.pick, args.model, args.resume,
+            args.trust_remote_code, on_phase=lambda text: bar.update(task, description=text),
+            on_step=on_step,
+        )  # fmt: skip
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "losses"}, indent=2))
+        return
+    b, a = res["before"], res["after"]
+    print(f"healed {args.source} into {res['out']} ({res['mode']}, {res['steps']} steps, "
+          f"{res['tokens']:,} tokens, {res['train_seconds']:.0f} s training)")  # fmt: skip
+    ratio = "" if res["kl_ratio"] is None else f" ({res['kl_ratio']:.2f}x)"
+    print(f"  held-out KL to dense {b['kl']:.4f} -> {a['kl']:.4f}{ratio}; "
+          f"ppl {b['ppl']:.2f} -> {a['ppl']:.2f} (dense {res['dense_ppl']:.2f})")  # fmt: skip
+    mem = res["memory"]
+    cuda = f", CUDA peak {mem['peak_cuda_mib']:.0f} MiB" if "peak_cuda_mib" in mem else ""
+    print(f"  peak RSS {mem['peak_rss_mib']:.0f} MiB{cuda}; figures in {res['out']}/heal.json")
 
 
 def _quiet_libraries() -> None:
@@ -348,7 +456,7 @@ def _print_sweep(result) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from searcher.run import evaluate_config
+    from searcher.evaluate import evaluate
 
     if args.windows < 1 or (args.threads is not None and args.threads < 1):
         raise SearcherError("--windows and --threads must be at least 1")
@@ -356,7 +464,7 @@ def _eval(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    res = evaluate_config(
+    res = evaluate(
         args.config, data_source=args.data, pick=args.pick, windows=args.windows,
         model=args.model, device=args.device, dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
@@ -503,14 +611,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             _profile(args)
         elif args.command == "latency":
             _latency(args)
+        elif args.command == "heal":
+            _heal(args)
         else:
             _eval(args)
     except SearcherError as exc:
         print(f"searcher: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("searcher: interrupted; every completed evaluation is stored: continue with "
-              "`searcher run --resume RUN_DIR`", file=sys.stderr)  # fmt: skip
+        if args.command == "heal":
+            print("searcher: interrupted; healing continues from its last checkpoint with the "
+                  "same command and --resume", file=sys.stderr)  # fmt: skip
+        else:
+            print("searcher: interrupted; every completed evaluation is stored: continue with "
+                  "`searcher run --resume RUN_DIR`", file=sys.stderr)  # fmt: skip
         return 130
     return 0
 

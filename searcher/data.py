@@ -98,6 +98,15 @@ def windows(
     return Windows(cut[:calibration].clone(), cut[total - validation :].clone(), spec)
 
 
+def held_out(tokenizer: Any, text: tuple[str, str], seq_len: int, validation: int) -> Windows:
+    """Every window of ``text`` split in two: the last ``validation`` held out, all the others
+    (from the start, never overlapping them) to train on."""
+    if seq_len < 8:
+        raise SearcherError(f"--seq-len {seq_len} is too short: use at least 8 tokens")
+    total = len(tokenize(tokenizer, text[0])) // seq_len
+    return windows(tokenizer, text, seq_len, max(total - validation, 1), validation)
+
+
 def eval_windows(tokenizer: Any, source: str, seq_len: int, limit: int) -> torch.Tensor:
     """Up to ``limit`` consecutive windows of a text, for scoring a saved config on it."""
     text, _ = read_text(source)

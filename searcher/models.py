@@ -97,7 +97,7 @@ def load(
 
     if dtype not in DTYPES:
         raise SearcherError(f"unknown --dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    _check_device(device)
+    check_device(device)
     if source in (None, "", EMBEDDED):
         path, name = _embedded_dir(), f"{EMBEDDED}:{EMBEDDED_NAME}"
     else:
@@ -146,7 +146,8 @@ def _why(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
+    """Refuse, in one line, a device this machine does not have."""
     if device == "cpu":
         return
     if device.startswith("cuda"):

@@ -165,6 +165,10 @@ class SparsitySpace(SearchSpace):
         layer, p = self.linears[gi]
         return layer.name(p if self._experts(gi) else f"{p}.weight")
 
+    def weight_names(self) -> list[str]:
+        """The names, in the model, of the weights this space masks (one per gene)."""
+        return [self._name(gi) for gi in range(len(self.linears))]
+
     def _statistics(self, windows: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
         """Per gene (by name), the L2 norm of each input feature over the calibration tokens
         ([in]; [experts, in] for stacked experts: over the tokens routed to each expert)."""

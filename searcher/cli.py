@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_heal(sub: Any, common: argparse.ArgumentParser) -> None:
-    from searcher.heal import HealSettings
+    from searcher.heal_settings import HealSettings
 
     d = HealSettings()
     h = sub.add_parser(
@@ -298,7 +298,8 @@ def _heal(args: argparse.Namespace) -> None:
         TimeRemainingColumn,
     )
 
-    from searcher.heal import HealSettings, heal
+    from searcher.heal import heal
+    from searcher.heal_settings import HealSettings
 
     if args.threads is not None:
         if args.threads < 1:

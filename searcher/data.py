@@ -69,16 +69,19 @@ def windows(
     tokenizer: Any,
     text: tuple[str, str],
     seq_len: int,
-    calibration: int,
+    calibration: int | None,
     validation: int,
 ) -> Windows:
     """Cut ``text`` (from ``read_text``) into seq_len-token windows: calibration from the
-    start, validation from the end, never overlapping."""
+    start (None: every window that is not a validation one), validation from the end, never
+    overlapping."""
     if seq_len < 8:
         raise SearcherError(f"--seq-len {seq_len} is too short: use at least 8 tokens")
     text, name = text
     tokens = tokenize(tokenizer, text)
     total = len(tokens) // seq_len
+    if calibration is None:
+        calibration = max(total - validation, 1)
     if calibration + validation > total:
         raise SearcherError(
             f"the data has {len(tokens)} tokens, {total} windows of {seq_len}, but "
@@ -101,10 +104,7 @@ def windows(
 def held_out(tokenizer: Any, text: tuple[str, str], seq_len: int, validation: int) -> Windows:
     """Every window of ``text`` split in two: the last ``validation`` held out, all the others
     (from the start, never overlapping them) to train on."""
-    if seq_len < 8:
-        raise SearcherError(f"--seq-len {seq_len} is too short: use at least 8 tokens")
-    total = len(tokenize(tokenizer, text[0])) // seq_len
-    return windows(tokenizer, text, seq_len, max(total - validation, 1), validation)
+    return windows(tokenizer, text, seq_len, None, validation)
 
 
 def eval_windows(tokenizer: Any, source: str, seq_len: int, limit: int) -> torch.Tensor:

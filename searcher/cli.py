@@ -419,6 +419,11 @@ def _run(args: argparse.Namespace) -> None:
     table.add_row(
         "calibration KL", f"{b['calibration']['kl']:.4f} ({b['calibration']['windows']} windows)"
     )
+    if "trained" in b["calibration"]:
+        t = b["calibration"]["trained"]
+        table.add_row(
+            "selected by", f"calibration KL after {t['steps']} distillation steps: {t['kl']:.4f}"
+        )
     v = b["validation"]
     table.add_row("validation KL", f"{v['kl']:.4f} ({v['windows']} windows)")
     table.add_row("validation ppl", f"{v['ppl']:.2f} (dense {v['dense_ppl']:.2f})")

@@ -5,7 +5,12 @@ left, and a batch that does not fit whole is the run's last (its algorithm is no
 part of it). Runs that overspend their last batch would compare unfairly with methods that
 stop on the dot: before the cap, evo finished up to 1.75 evaluations past a 40-evaluation
 budget, and replayed under the cap 8 of the 58 benchmark runs that had spent past it ended
-at another best config."""
+at another best config.
+
+Training-aware selection (``Request.trained``): a candidate distilled for some steps before it
+is scored. Its scores are kept apart from the plain ones (``Trial.trained``), and a trained
+score costs the windows it scores plus ``step_cost`` windows per training step (see
+``searcher.trained_selection``), so that ``--evals`` caps training too."""
 
 from __future__ import annotations
 
@@ -24,6 +29,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class TrainedScore:
+    """A candidate's per-window scores after some steps of distillation."""
+
+    kl: list[float]
+    nll: list[float]
+    seconds: float
+
+    def fitness(self) -> float:
+        return float(np.mean(self.kl))
+
+
+@dataclass
 class Trial:
     """Everything known about one candidate. Scores are per calibration window, so raising a
     candidate's fidelity scores only the windows it has not seen yet."""
@@ -37,6 +54,7 @@ class Trial:
     kl: list[float] = field(default_factory=list)
     nll: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    trained: dict[int, TrainedScore] = field(default_factory=dict)  # by training steps
 
     @property
     def windows(self) -> int:
@@ -66,10 +84,12 @@ class Engine:
         record: Callable[[Trial], None] = lambda trial: None,
         on_progress: Callable[[Progress], None] = lambda progress: None,
         measure: Callable[[Candidate], Mapping[str, float]] | None = None,
+        step_cost: float = 0.0,
     ) -> None:
         """``measure``: costs timed on the device for each new candidate, replacing the
         problem's predicted ones. A candidate measured over budget is not scored, and is told
-        to the algorithm as infinitely bad, so that it moves away from it."""
+        to the algorithm as infinitely bad, so that it moves away from it. ``step_cost``: the
+        windows one training step of a trained request counts as."""
         self.problem = problem
         self.algorithm = algorithm
         self.pool = pool
@@ -78,6 +98,7 @@ class Engine:
         self.record = record
         self.on_progress = on_progress
         self.measure = measure
+        self.step_cost = step_cost
         self.trials: dict[Candidate, Trial] = {}
         # single-unit profile candidates (dense but for one layer) are over any budget by
         # design: they are scored for what they teach, never timed on the device
@@ -109,14 +130,19 @@ class Engine:
         return self.trials
 
     def evaluate(self, requests: list[Request]) -> list[Result]:
-        wanted: dict[Candidate, int] = {}
+        wanted: dict[tuple[Candidate, int], int] = {}
         for req in requests:
-            wanted[req.candidate] = max(req.windows, wanted.get(req.candidate, 0))
-        jobs, owners = [], []
+            key = (req.candidate, req.trained)
+            wanted[key] = max(req.windows, wanted.get(key, 0))
+        jobs, owners, costs = [], [], []
         room = self.max_windows - self.spent_windows
-        for candidate, windows in wanted.items():
+        for (candidate, steps), windows in wanted.items():
             known = self.trials.get(candidate)
-            more = windows - (known.windows if known is not None else 0)
+            if steps:  # trained: scored on all its windows at once, or known already
+                done = known is not None and steps in known.trained
+                more = 0 if done else windows + steps * self.step_cost
+            else:
+                more = windows - (known.windows if known is not None else 0)
             if more > room + 1e-9:
                 self.capped = True
                 break
@@ -125,19 +151,27 @@ class Engine:
                 continue  # measured over budget: not worth scoring
             if more > 0:
                 room -= more
-                jobs.append(Job(candidate, trial.windows, windows))
+                start = 0 if steps else trial.windows
+                jobs.append(Job(candidate, start, windows, steps))
                 owners.append(trial)
+                costs.append(more)
         self.jobs += len(jobs)
 
         fired: set[int] = set()
 
         def done(i: int, outcome: Outcome) -> None:  # as each job finishes: stored at once
             fired.add(i)
-            trial = owners[i]
-            trial.kl.extend(outcome.kl.tolist())
-            trial.nll.extend(outcome.nll.tolist())
-            trial.seconds += outcome.seconds
-            self.spent_windows += len(outcome.kl)
+            trial, steps = owners[i], jobs[i].trained
+            if steps:
+                trial.trained[steps] = TrainedScore(
+                    outcome.kl.tolist(), outcome.nll.tolist(), outcome.seconds
+                )
+                self.spent_windows += costs[i]
+            else:
+                trial.kl.extend(outcome.kl.tolist())
+                trial.nll.extend(outcome.nll.tolist())
+                trial.seconds += outcome.seconds
+                self.spent_windows += len(outcome.kl)
             self.record(trial)
 
         outcomes = self.pool.run(jobs, done)
@@ -145,16 +179,18 @@ class Engine:
             done(i, outcomes[i])
         if self.capped:
             return []  # not told: see the module docstring
-        return [Result(r.candidate, r.windows, self._told(self.trials[r.candidate], r.windows))
-                for r in requests]  # fmt: skip
+        return [Result(r.candidate, r.windows, self._told(self.trials[r.candidate], r),
+                       r.trained) for r in requests]  # fmt: skip
 
     def _measured(self, candidate: Candidate) -> bool:
         return self.measure is not None and candidate not in self.untimed
 
-    def _told(self, trial: Trial, windows: int) -> float:
+    def _told(self, trial: Trial, request: Request) -> float:
         if self._measured(trial.candidate) and not trial.feasible:
             return math.inf
-        return trial.fitness(windows)
+        if request.trained:
+            return trial.trained[request.trained].fitness()
+        return trial.fitness(request.windows)
 
     def _trial(self, candidate: Candidate) -> Trial:
         if candidate not in self.trials:
@@ -174,8 +210,20 @@ class Engine:
         return self.trials[candidate]
 
     def best(self) -> Trial | None:
-        full = [t for t in self.trials.values() if t.windows >= self.full and t.feasible]
+        """The feasible candidate of least full-fidelity KL; in a training-aware run, of least
+        KL after the most training steps any candidate had (the ranking its selection used)."""
+        feasible = [t for t in self.trials.values() if t.feasible]
+        steps = max((s for t in feasible for s in t.trained), default=0)
+        if steps:
+            trained = [t for t in feasible if steps in t.trained]
+            return min(trained, key=lambda t: t.trained[steps].fitness())
+        full = [t for t in feasible if t.windows >= self.full]
         return min(full, key=lambda t: t.fitness(self.full), default=None)
+
+    def best_kl(self, trial: Trial) -> float:
+        """The score ``best`` ranked ``trial`` by."""
+        steps = max(trial.trained, default=0)
+        return trial.trained[steps].fitness() if steps else trial.fitness(self.full)
 
     def _progress(self) -> None:
         best = self.best()
@@ -184,7 +232,7 @@ class Engine:
                 spent=self.spent_windows / self.full,
                 budget=self.max_windows / self.full,
                 trials=len(self.trials),
-                best_kl=None if best is None else best.fitness(self.full),
+                best_kl=None if best is None else self.best_kl(best),
                 status=self.algorithm.status(),
             )
         )

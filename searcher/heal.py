@@ -107,11 +107,14 @@ class Trainer:
         student: nn.Module,
         teacher: nn.Module,
         train: torch.Tensor,
-        validation: torch.Tensor,
+        validation: torch.Tensor | None,
         settings: HealSettings,
         masked: Sequence[str] = (),
+        frozen_head: bool = False,
     ) -> None:
-        """``masked``: names of weights whose zeros stay (a sparsity config's)."""
+        """``masked``: names of weights whose zeros stay (a sparsity config's).
+        ``validation``: held-out windows for ``evaluate`` (None: not evaluated here).
+        ``frozen_head``: keep the input embeddings and the LM head as they are."""
         self.settings = settings
         self.teacher = teacher.eval()
         self.device = next(teacher.parameters()).device
@@ -120,21 +123,27 @@ class Trainer:
         torch.manual_seed(settings.seed)  # LoRA's adapter initialisation
         student = student.float().to(self.device).eval()
         self.masks = Masks(student, masked) if masked else None
-        self.student = self._trainable(student)
+        self.student = self._trainable(student, frozen_head)
         self.params = [p for _, p in self.named]
         self.optimizer = torch.optim.AdamW(
             self.params, lr=settings.learning_rate, weight_decay=settings.weight_decay
         )
         # the teacher's full next-token distributions on the held-out windows (the student's
         # head changes in training, so the fitness's W^T p summary would not be exact)
-        self.reference = Evaluator(
-            teacher, validation, lambda c: None, (), settings.batch_size, hidden_reference=False
-        ).reference()
+        self.reference = None
+        if validation is not None:
+            self.reference = Evaluator(
+                teacher, validation, lambda c: None, (), settings.batch_size,
+                hidden_reference=False,
+            ).reference()  # fmt: skip
         self.state = HealState()
 
-    def _trainable(self, model: nn.Module) -> nn.Module:
+    def _trainable(self, model: nn.Module, frozen_head: bool) -> nn.Module:
         if self.settings.lora is None:
             model.requires_grad_(True)
+            if frozen_head:
+                model.get_input_embeddings().requires_grad_(False)
+                model.get_output_embeddings().requires_grad_(False)
         else:
             from peft import LoraConfig, get_peft_model
 
@@ -179,6 +188,8 @@ class Trainer:
 
     def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
         """Held-out KL to the teacher and perplexity of the student (or ``model``)."""
+        if self.validation is None:
+            raise ValueError("this trainer was given no held-out windows")
         return score(model or self.student, self.validation, self.reference, self.settings)
 
     def save(self, root: Path) -> Path:

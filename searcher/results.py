@@ -33,6 +33,9 @@ def trials_frame(trials: Sequence[Trial], fidelities: Sequence[int]) -> pd.DataF
             "ppl": math.exp(sum(t.nll) / len(t.nll)) if t.nll else None,
             "seconds": t.seconds,
         }
+        if t.trained:  # training-aware selection: KL after the most steps it had
+            steps = max(t.trained)
+            row["trained_steps"], row["trained_kl"] = steps, t.trained[steps].fitness()
         for metric, value in t.costs.items():
             row[metric] = value
             row[f"{metric}_fraction"] = t.fractions[metric]

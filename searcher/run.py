@@ -29,6 +29,7 @@ from latency_models.backends import cpu_name
 from latency_models.table import CostTable
 from searcher import data, latency, models
 from searcher.algorithms import ALGORITHMS, SEEDS, Algorithm, parse_stages
+from searcher.algorithms.stages import STEP_COST, parse_select
 from searcher.budget import Budget
 from searcher.engine import Engine, Progress, Trial
 from searcher.errors import SearcherError
@@ -217,16 +218,32 @@ def entry(space: spaces.SearchSpace, trial: Trial, full: int) -> dict[str, Any]:
         "costs": trial.costs,
         "fractions": trial.fractions,
         "feasible": trial.feasible,
-        "calibration": {"kl": trial.fitness(full), "windows": full},
+        "calibration": {"kl": trial.fitness(full), "windows": full, **trained_scores(trial)},
         "trial": trial.number,
     }
+
+
+def trained_scores(trial: Trial) -> dict[str, Any]:
+    """The calibration KL after training-aware selection's distillation, if it had any."""
+    if not trial.trained:
+        return {}
+    steps = max(trial.trained)
+    t = trial.trained[steps]
+    return {"trained": {"steps": steps, "kl": t.fitness(), "seconds": round(t.seconds, 2)}}
 
 
 @contextmanager
 def scoring_pool(spec: RunSpec, session: Session, evaluator: Evaluator) -> Iterator[Pool]:
     """In this process for one local worker, else a Ray actor pool (local or on a cluster)."""
+    seed = spec.seed if parse_select(spec.select) else None
     if spec.workers == 1 and spec.address is None:  # ("local": a Ray instance all the same)
-        yield LocalPool(evaluator)
+        trained = None
+        if seed is not None:
+            from searcher.trained_selection import scorer_for
+
+            tokenizer = session.loaded.tokenizer
+            trained = scorer_for(session.key, session.space, evaluator, tokenizer, seed)
+        yield LocalPool(evaluator, trained)
         return
     from searcher import cluster
     from searcher.workers import RayPool, WorkerSetup
@@ -234,7 +251,9 @@ def scoring_pool(spec: RunSpec, session: Session, evaluator: Evaluator) -> Itera
     key = session.key
     if key.model is not None and Path(key.model).exists():
         key = replace(key, model=str(Path(key.model).resolve()))  # workers have their own cwd
-    setup = WorkerSetup(key, evaluator.n_windows, session.space.fingerprint(), spec.threads)
+    setup = WorkerSetup(
+        key, evaluator.n_windows, session.space.fingerprint(), spec.threads, trained_seed=seed
+    )
     gpus = torch.cuda.device_count() if spec.device.startswith("cuda") else 0
     with cluster.connected(spec.address, spec.workers * spec.threads, gpus):
         pool = RayPool(setup, session.windows.calibration, evaluator.reference(), spec.workers)
@@ -350,6 +369,11 @@ def _check_algorithm(spec: RunSpec) -> None:
         raise SearcherError(f"unknown --init {spec.init!r}: choose one of {', '.join(SEEDS)}")
     if spec.init not in ("uniform", "profile") and spec.algo != "evo":
         raise SearcherError(f"--init {spec.init} sets where evo starts: use it with --algo evo")
+    if parse_select(spec.select) and "select" not in ALGORITHMS[spec.algo].reads:
+        readers = ", ".join(n for n, a in ALGORITHMS.items() if "select" in a.reads)
+        raise SearcherError(
+            f"--select {spec.select} is evo's selection: use it with --algo {readers}"
+        )
     if spec.objectives != "kl" and not ALGORITHMS[spec.algo].multi_objective:
         multi = ", ".join(n for n, a in ALGORITHMS.items() if a.multi_objective)
         raise SearcherError(f"--objectives {spec.objectives} needs one of --algo {multi}")
@@ -541,10 +565,11 @@ def _scored(
             on_phase("starting workers" if many else f"searching ({spec.algo})")
             scorer = stack.enter_context(scoring_pool(spec, loaded.session, loaded.evaluator))
             from_cache = ReplayPool(scorer, cached)  # with nothing given they just delegate
-            pool = ReplayPool(from_cache, logged)
+            # the cache holds untrained scores only: trained ones replay from the run's log
+            pool = ReplayPool(from_cache, logged, store.logged_trained())
             engine = Engine(
                 loaded.problem, loaded.algorithm, pool, spec.evals, record,
-                on_progress or (lambda p: None), measure,
+                on_progress or (lambda p: None), measure, STEP_COST * spec.batch_size,
             )  # fmt: skip
         with timings.phase("search"):  # without stopping the workers
             on_phase(f"searching ({spec.algo})")
@@ -614,8 +639,29 @@ def _report(
         worker_retries=searched.retries,
         full_windows=full,
     )
+    if parse_select(loaded.spec.select):
+        info["selection"] = selection_summary(loaded, engine)
     write_json(plan.dir.info, info)
     return RunResult(plan.dir.path, best_payload, len(trials), engine.spent_windows / full, seconds)
+
+
+def selection_summary(loaded: Loaded, engine: Engine) -> dict[str, Any]:
+    """How training-aware selection went: its cost, and how often the trained ranking chose
+    another winner than the untrained one would have."""
+    trained = [t for t in engine.trials.values() if t.trained]
+    if not trained:
+        log.warning(
+            "--select %s: no candidate reached the trained stage within --evals, so the best "
+            "is ranked by its untrained KL; raise --evals", loaded.spec.select,
+        )  # fmt: skip
+    return {
+        "select": loaded.spec.select,
+        "trained_candidates": len(trained),
+        "trained_seconds": round(sum(s.seconds for t in trained for s in t.trained.values()), 2),
+        "window_evaluations_per_step": STEP_COST * loaded.spec.batch_size,
+        "generations": getattr(loaded.algorithm, "generation", None),
+        "winner_changed": getattr(loaded.algorithm, "flips", None),
+    }
 
 
 def _write_front(
@@ -636,7 +682,7 @@ def _write_front(
     write_json(plan.dir.pareto, {**header, "objectives": [metric, "kl"], "front": entries})
     payload = {
         **header, **entry(space, best, full), "validation": validation,
-        "algorithm": spec.algo, "seed": spec.seed,
+        "algorithm": spec.algo, "seed": spec.seed, "select": spec.select,
     }  # fmt: skip
     if loaded.lat is not None and best_latency is not None:
         payload["latency"] = {**best_latency, "device": loaded.lat.settings.device}

@@ -90,6 +90,12 @@ class RunSpec:
     )
     algo: str = setting("evo", "{searches}; baselines: {baselines}")
     init: str = setting("profile", "evo's starting allocation: {seeds} (profile: sized to --evals)")
+    select: str = setting(
+        "plain", "{readers}: plain, or trained:STEPS: each survivor of the last selection stage "
+        "is distilled from the dense model for STEPS steps of --batch-size windows before its "
+        "final score (DarwinLM); a step on B windows counts as 4B window scores of --evals",
+        metavar="HOW",
+    )  # fmt: skip
     objectives: str = setting(
         "kl", "kl, or kl,flops / kl,latency: a Pareto front ({multi_objective})"
     )

@@ -189,6 +189,7 @@ class TrialStore:
         self.ids: dict[Candidate, int] = {}
         self.windows: dict[Candidate, int] = {}
         self._logged: dict[Candidate, Outcome] = {}
+        self._trained: dict[tuple[Candidate, int], Outcome] = {}
         for frozen in self.storage.get_all_trials(self.study_id, deepcopy=False):
             candidate, outcome = _parse(frozen)
             if candidate is None:
@@ -196,12 +197,21 @@ class TrialStore:
             self.ids[candidate] = frozen._trial_id
             self.windows[candidate] = len(outcome.kl)
             self._logged[candidate] = outcome
+            for steps, scores in frozen.user_attrs.get("trained", {}).items():
+                self._trained[candidate, int(steps)] = _outcome(scores)
 
     def logged(self) -> dict[Candidate, Outcome]:
         """The latest stored state of every candidate (for ``ReplayPool``)."""
         return dict(self._logged)
 
+    def logged_trained(self) -> dict[tuple[Candidate, int], Outcome]:
+        """Every stored trained score, by candidate and training steps."""
+        return dict(self._trained)
+
     def append(self, trial: Trial) -> None:
+        new_trained = [s for s in trial.trained if (trial.candidate, s) not in self._trained]
+        if new_trained and trial.candidate in self.ids:
+            self._append_trained(trial, new_trained)
         if self.windows.get(trial.candidate, 0) >= trial.windows:
             return  # replayed on resume: already stored
         scores = {"kl": trial.kl, "nll": trial.nll, "seconds": round(trial.seconds, 4)}
@@ -223,6 +233,23 @@ class TrialStore:
             self.storage.set_trial_user_attr(trial_id, "scores", scores)
             self.storage.set_trial_intermediate_value(trial_id, step, value)
         self.windows[trial.candidate] = trial.windows
+        rest = [s for s in trial.trained if (trial.candidate, s) not in self._trained]
+        if rest:  # (a candidate whose trained score came before its first plain one)
+            self._append_trained(trial, rest)
+
+    def _append_trained(self, trial: Trial, steps: list[int]) -> None:
+        """The trial's trained scores, as one user attribute (by steps) of its Optuna trial."""
+        for s in steps:
+            t = trial.trained[s]
+            self._trained[trial.candidate, s] = Outcome(
+                np.asarray(t.kl), np.asarray(t.nll), t.seconds
+            )
+        every = {
+            str(s): {"kl": o.kl.tolist(), "nll": o.nll.tolist(), "seconds": round(o.seconds, 4)}
+            for (c, s), o in self._trained.items()
+            if c == trial.candidate
+        }
+        self.storage.set_trial_user_attr(self.ids[trial.candidate], "trained", every)
 
     def finish(
         self, trials: Iterable[Trial], full: int, values: Callable[[Trial], list[float]]
@@ -244,11 +271,13 @@ class TrialStore:
 def _parse(frozen: optuna.trial.FrozenTrial) -> tuple[Candidate | None, Outcome]:
     try:
         genes = tuple(int(frozen.params[f"g{i}"]) for i in range(len(frozen.params)))
-        s = frozen.user_attrs["scores"]
-        outcome = Outcome(
-            np.asarray(s["kl"], dtype=float), np.asarray(s["nll"], dtype=float),
-            float(s["seconds"]),
-        )  # fmt: skip
+        outcome = _outcome(frozen.user_attrs["scores"])
     except (KeyError, TypeError, ValueError):
         return None, Outcome(np.zeros(0), np.zeros(0), 0.0)
     return genes, outcome
+
+
+def _outcome(s: dict) -> Outcome:
+    return Outcome(
+        np.asarray(s["kl"], dtype=float), np.asarray(s["nll"], dtype=float), float(s["seconds"])
+    )

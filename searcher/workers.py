@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,11 +19,11 @@ import torch
 
 from searcher.errors import SearcherError
 from searcher.fitness import DenseReference, Evaluator
-from searcher.pool import Job, Outcome, Pool
-from searcher.problem import Candidate
+from searcher.pool import Job, Outcome, Pool, run_job
 
 if TYPE_CHECKING:
     from searcher.run import SessionKey
+    from searcher.trained_selection import TrainedScorer
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +38,7 @@ class WorkerSetup:
     fingerprint: str  # of the driver's space: the worker's must be the same
     threads: int = 1
     env: dict[str, str] = field(default_factory=dict)
+    trained_seed: int | None = None  # training-aware selection's seed (None: not asked)
 
 
 class ScoringWorker:
@@ -47,6 +47,7 @@ class ScoringWorker:
     def __init__(self, setup: WorkerSetup) -> None:
         self.setup = setup
         self.evaluator: Evaluator | None = None
+        self.trained: TrainedScorer | None = None
 
     @ray.method(max_task_retries=-1)  # sent to a restarting worker: wait for it to be back
     def load(self, shared: list[Any]) -> int:
@@ -78,15 +79,19 @@ class ScoringWorker:
             loaded.model, windows[: setup.scored_windows], space.apply, space.dense(),
             key.batch_size, reference=reference,
         )  # fmt: skip
+        if setup.trained_seed is not None:
+            from searcher.trained_selection import scorer_for
+
+            self.trained = scorer_for(
+                key, space, self.evaluator, loaded.tokenizer, setup.trained_seed
+            )
         return os.getpid()
 
-    def score(self, candidate: Candidate, start: int, stop: int, shared: list[Any]) -> Outcome:
+    def score(self, job: Job, shared: list[Any]) -> Outcome:
         if self.evaluator is None:  # restarted by Ray since its last load()
             self.load(shared)
         assert self.evaluator is not None
-        t0 = time.perf_counter()
-        s = self.evaluator.score(candidate, start, stop)
-        return Outcome(s.kl, s.nll, time.perf_counter() - t0)
+        return run_job(self.evaluator, self.trained, job)
 
 
 class RayPool(Pool):
@@ -150,9 +155,7 @@ class RayPool(Pool):
                     if queue and load[w] <= level:
                         i = queue.popleft()
                         job = jobs[i]
-                        call = self.actors[w].score.remote(
-                            job.candidate, job.start, job.stop, self.shared
-                        )
+                        call = self.actors[w].score.remote(job, self.shared)
                         calls[call], load[w] = (i, w), load[w] + 1
             if not calls:  # every worker is restarting
                 if not self._await_worker():

@@ -22,6 +22,7 @@ from searcher.problem import Candidate, Problem
 class Request:
     candidate: Candidate
     windows: int  # score on the first `windows` calibration windows
+    trained: int = 0  # distillation steps before scoring (training-aware selection); 0: none
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Result:
     candidate: Candidate
     windows: int
     kl: float  # mean KL to the dense model over those windows
+    trained: int = 0  # distillation steps the candidate had before this score
 
 
 class Algorithm(ABC):

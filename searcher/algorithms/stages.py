@@ -9,6 +9,9 @@ from __future__ import annotations
 from searcher.errors import SearcherError
 
 DEFAULT_STAGES = ((1, 4), (4, 1))
+# --select trained: window evaluations a training step counts per window it trains on (a
+# dense teacher forward pass, the student's forward pass and its backward pass, about two)
+STEP_COST = 4
 
 
 def parse_stages(text: str) -> tuple[tuple[int, int], ...]:
@@ -38,3 +41,17 @@ def parse_stages(text: str) -> tuple[tuple[int, int], ...]:
 def first_stage_windows(stages: str | None) -> int:
     """Windows of the first selection stage (``"1:4,4:1"`` -> 1): the cheapest fidelity."""
     return (parse_stages(stages) if stages else DEFAULT_STAGES)[0][0]
+
+
+def parse_select(text: str | None) -> int:
+    """``--select``: ``plain`` (0) or ``trained:STEPS`` (STEPS distillation steps for each
+    survivor of the last selection stage before its final score, as DarwinLM does)."""
+    if text in (None, "", "plain"):
+        return 0
+    kind, _, steps = text.partition(":")
+    if kind == "trained" and steps.isdigit() and int(steps) >= 1:
+        return int(steps)
+    raise SearcherError(
+        f"bad --select {text!r}: give plain, or trained:STEPS with STEPS at least 1 (e.g. "
+        "trained:10)"
+    )

@@ -21,7 +21,7 @@ the untrained order does?
 Writes under ``--out`` (default results/trained-selection/): runs/, healed/, ranking.json,
 summary.json and summary.md; an interrupted benchmark picks up where it stopped.
 
-    .venv/bin/python benchmarks/trained_selection.py          # about 1.5 hours on 2 cores
+    .venv/bin/python benchmarks/trained_selection.py          # about 70 minutes on 2 cores
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ summary.json and summary.md; an interrupted benchmark picks up where it stopped.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -47,6 +48,7 @@ def search(out: Path, name: str, evals: int, select: str) -> Path:
     return run
 
 
+@functools.cache  # one model load per run, however many candidates are scored
 def scorer_of(run: Path):
     """The run's best genes and a scorer of candidates after training, as a ``--select
     trained:STEPS`` search scores them (same windows, batches, seed and reference)."""
@@ -145,6 +147,15 @@ def config_of_trial(out: Path, run: Path, pick: dict) -> Path:
     return path
 
 
+def healed_row(h: dict) -> dict:
+    """What the summary keeps of a heal.json."""
+    return {
+        "steps": h["steps"], "kl_before": h["before"]["kl"], "kl_after": h["after"]["kl"],
+        "ppl_after": h["after"]["ppl"], "dense_ppl": h["dense_ppl"],
+        "train_seconds": h["train_seconds"],
+    }  # fmt: skip
+
+
 def heal(out: Path, name: str, run: Path, steps: int) -> dict:
     healed = out / "healed" / name
     if not (healed / "heal.json").is_file():
@@ -188,12 +199,7 @@ def main() -> None:
             row["trained_kl"] = trained_kl(run, args.steps)["kl"]
         summary_path.write_text(json.dumps(summary, indent=1))
     for name, run in runs.items():
-        h = heal(out, name, run, args.heal_steps)
-        summary[name]["healed"] = {
-            "steps": h["steps"], "kl_before": h["before"]["kl"], "kl_after": h["after"]["kl"],
-            "ppl_after": h["after"]["ppl"], "dense_ppl": h["dense_ppl"],
-            "train_seconds": h["train_seconds"],
-        }  # fmt: skip
+        summary[name]["healed"] = healed_row(heal(out, name, run, args.heal_steps))
         summary_path.write_text(json.dumps(summary, indent=1))
     summary["winner_changed"] = summary["plain"]["genes"] != summary["trained"]["genes"]
     summary["settings"] = vars(args)
@@ -218,10 +224,7 @@ def main() -> None:
         h = heal(out, "reranked", config_of_trial(out, runs["plain"], pick), args.heal_steps)
         summary["reranked"] = {
             "trial": pick["trial"], "untrained_kl": pick["kl"]["0"],
-            "trained_kl": pick["kl"][short],
-            "healed": {"steps": h["steps"], "kl_before": h["before"]["kl"],
-                       "kl_after": h["after"]["kl"], "ppl_after": h["after"]["ppl"],
-                       "train_seconds": h["train_seconds"]},
+            "trained_kl": pick["kl"][short], "healed": healed_row(h),
         }  # fmt: skip
         summary_path.write_text(json.dumps(summary, indent=1))
     counts = ["0", *(str(n) for n in rank["steps"])]

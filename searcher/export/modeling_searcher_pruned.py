@@ -19,8 +19,10 @@ comparing the pruned model with a dense one built from the same config:
   replaced by an empty parameter of that shape, which the weights then fill);
 - ``attributes``: module name -> ``{attribute: value}``, module attributes that follow the
   pruned sizes (head counts, split sizes, in/out features);
-- ``configs``: ``module.attribute`` -> ``{key: value}``, a module's own copy of the config
-  with those keys changed (for modules that read their head counts from the config).
+- ``configs``: ``module.attribute`` -> ``{key: value}``, a module's own values for those
+  config keys (for modules that read their head counts from the config): the module gets a
+  ``LayerConfig``, which reads every other key from the model's config, so that what changes
+  there after loading (``set_attn_implementation``) reaches every layer.
 
 Attention and MLP computations are transformers' own; only shapes change. searcher's own
 stand-in for a removed block (``Dropped`` in its families' base module) is ``RemovedBlock``:
@@ -30,7 +32,6 @@ this file is the one source of how a removed block computes (transformers is imp
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -40,6 +41,59 @@ KEY = "searcher_pruned"
 CONFIG_CLASS = "SearcherPrunedConfig"
 MODEL_CLASS = "SearcherPrunedForCausalLM"
 CACHE_ARGUMENTS = ("past_key_values", "past_key_value", "layer_past")
+
+
+class LayerConfig:
+    """One layer's view of the model's config: its own values for the few keys that differ in
+    that layer (its head counts), every other attribute read from the shared config when asked.
+
+    A copy of the config would keep what the model's config said when it was made: switched
+    later with ``set_attn_implementation`` (which sets the model config's
+    ``_attn_implementation`` and no module's), the copy's layer would go on with the old
+    attention. A view follows. Setting an attribute on the view sets the layer's own value.
+    Plain data and a reference, so deep copies and pickles of the model keep every view on
+    that model's (copied) config; ``to_dict`` is the shared config's with the layer's values.
+    """
+
+    def __init__(self, shared: Any, **own: Any) -> None:
+        if isinstance(shared, LayerConfig):  # a view of a view: one view of the same config
+            own = {**shared.own(), **own}
+            shared = shared.shared
+        object.__setattr__(self, "_shared", shared)
+        for key, value in own.items():
+            setattr(self, key, value)
+
+    @property
+    def shared(self) -> Any:
+        """The config this view reads what it does not hold from."""
+        return vars(self)["_shared"]
+
+    def own(self) -> dict[str, Any]:
+        """The layer's own values, by their config keys."""
+        return {k: v for k, v in vars(self).items() if k != "_shared"}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.shared.to_dict(), **self.own()}
+
+    def _key(self, name: str) -> str:
+        """A config key under its own name (a config's ``attribute_map`` gives aliases)."""
+        return getattr(self.shared, "attribute_map", {}).get(name, name)
+
+    def __getattr__(self, name: str) -> Any:
+        # called only for what neither the view nor its class holds
+        state = vars(self)
+        if "_shared" not in state or (name.startswith("__") and name.endswith("__")):
+            # while unpickling (no state yet), or copy / pickle asking for a protocol of the
+            # view itself: never the shared config's
+            raise AttributeError(name)
+        key = self._key(name)
+        return state[key] if key in state else getattr(state["_shared"], key)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, self._key(name), value)
+
+    def __repr__(self) -> str:
+        return f"LayerConfig({type(self.shared).__name__}, own={self.own()!r})"
 
 
 class RemovedBlock(nn.Module):
@@ -107,10 +161,7 @@ def reshape(model: nn.Module, spec: dict[str, Any]) -> None:
     for name, values in spec.get("configs", {}).items():
         owner, _, attr = name.rpartition(".")
         module = model.get_submodule(owner)
-        config = copy.copy(getattr(module, attr))
-        for key, value in values.items():
-            setattr(config, key, value)
-        setattr(module, attr, config)
+        setattr(module, attr, LayerConfig(getattr(module, attr), **values))
 
 
 def classes_for(model_type: str) -> tuple[type, type]:

@@ -10,7 +10,7 @@ searcher:
   ordinary checkpoint, no remote code;
 - otherwise ``config.json`` is the base model's config plus, under ``searcher_pruned``, what
   differs from a dense model built from it (``reshaping``: parameter shapes, module attributes
-  that follow unit counts, per-module config copies, removed blocks), with an ``auto_map`` to
+  that follow unit counts, per-module config views, removed blocks), with an ``auto_map`` to
   ``modeling_searcher_pruned.py``, copied next to it: transformers' own model of the family,
   built dense and reshaped before the weights load (load with ``trust_remote_code=True``).
 
@@ -31,7 +31,10 @@ import torch
 from torch import nn
 
 from searcher.errors import SearcherError
-from searcher.export.modeling_searcher_pruned import KEY  # what differs from the dense model
+from searcher.export.modeling_searcher_pruned import (  # what differs from the dense model
+    KEY,
+    LayerConfig,
+)
 from searcher.families import family_for
 from searcher.families.base import experts_of, is_removed, keep_experts, resize_to, units_of
 from spaces.structure import Structure
@@ -171,7 +174,7 @@ def _plain(value: Any) -> bool:
 def reshaping(model: nn.Module) -> dict[str, dict[str, Any]]:
     """What differs between ``model`` and a dense model freshly built from its config, as plain
     data (``modeling_searcher_pruned.reshape`` applies it): removed blocks, parameter shapes,
-    scalar attributes and config copies of modules in decoder layers. Read from the two models
+    scalar attributes and config views of modules in decoder layers. Read from the two models
     alone, whatever the family."""
     from transformers import PretrainedConfig
 
@@ -211,9 +214,10 @@ def reshaping(model: nn.Module) -> dict[str, dict[str, Any]]:
         for attr, value in vars(module).items():
             if attr.startswith("_") or attr == "training":
                 continue
-            if isinstance(value, PretrainedConfig):
-                if value is not model.config:  # the module's own copy of the config
-                    own = {k: v for k, v in value.to_dict().items() if top.get(k) != v}
+            if isinstance(value, (PretrainedConfig, LayerConfig)):
+                # the module's own view (or copy) of the config: the keys it says otherwise
+                own = {k: v for k, v in value.to_dict().items() if top.get(k) != v}
+                if value is not model.config and own:
                     spec["configs"][f"{name}.{attr}"] = own
             elif _plain(value) and (attr not in theirs or theirs[attr] != value):
                 spec["attributes"].setdefault(name, {})[attr] = value

@@ -4,12 +4,11 @@ holds the gate rows then the up rows, so a neuron owns two."""
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 
 from latency_models.graph import AttentionWeights, DecoderWeights, MLPWeights, Style, rotary_of
 from latency_models.lean_parts import activation, group_size, head_dim, live, rotary_dims
+from searcher.export.modeling_searcher_pruned import LayerConfig
 from searcher.families.base import BlockLayout, Family, Shapes, Slab, owned_rest
 
 
@@ -43,9 +42,14 @@ class Phi3(Family):
             return
         attn = layer.get_submodule(block.name)
         # Phi-3's attention finds where keys start in qkv from its config's head count, and
-        # the config is shared by every layer: each layer gets its own copy to say its count.
-        attn.config = copy.copy(attn.config)
-        attn.config.num_attention_heads = units * shapes.group_size
+        # the config is shared by every layer: each layer gets its own view of it to say its
+        # count, which reads the rest (the attention implementation) from the shared config
+        shared = attn.config.shared if isinstance(attn.config, LayerConfig) else attn.config
+        heads = units * shapes.group_size
+        if heads == shared.num_attention_heads:
+            attn.config = shared  # the dense count again: no view needed
+        else:
+            attn.config = LayerConfig(shared, num_attention_heads=heads)
         attn.num_key_value_heads = units
 
     def lean(self, model: nn.Module) -> DecoderWeights:

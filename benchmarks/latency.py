@@ -3,8 +3,11 @@ on random candidates, and measure the speed-up of the flops=0.5 width config (an
 budgeted in latency).
 
     .venv/bin/python benchmarks/latency.py [--device ort-cpu] [--n 100] [--skip-runs]
+        [--method context] [--compare stack]
 
-Writes benchmarks/figures/latency-validation-<device>.png and prints a JSON summary. Run it
+``--compare METHOD`` also profiles a table with the other way of timing block sizes and
+predicts the same measured candidates with it (an A/B on one set of measurements). Writes
+benchmarks/figures/latency-validation-<device>.png and prints a JSON summary. Run it
 alone: anything else on the machine moves the timings.
 """
 
@@ -17,6 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from latency_models.backends import cpu_name
 from latency_models.profile import BLOCK_TIMING, MODEL_TIMING
 from searcher.latency import LatencySettings
 from searcher.latency_jobs import measure_config, profile_model, validate_table
@@ -36,6 +40,8 @@ def main() -> None:
         "--repeats", type=int, default=None,
         help="timing rounds for blocks, correction models and validation (default: searcher's)",
     )  # fmt: skip
+    ap.add_argument("--method", default="context", choices=("context", "stack"))
+    ap.add_argument("--compare", choices=("context", "stack"), help="a second table to compare")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,24 +53,39 @@ def main() -> None:
             "model_timing": replace(MODEL_TIMING, repeats=args.repeats),
         }
     validation_timing = replace(MODEL_TIMING, repeats=args.repeats or MODEL_TIMING.repeats)
-    summary: dict = {"device": args.device, "repeats": args.repeats or "default"}
+    summary: dict = {
+        "device": args.device, "cpu": cpu_name(), "repeats": args.repeats or "default",
+        "method": args.method,
+    }  # fmt: skip
 
     t0 = time.perf_counter()
-    prof = profile_model(settings, out=str(out / f"table-{args.device}.json"), **timings)
+    prof = profile_model(
+        settings, out=str(out / f"table-{args.device}.json"), method=args.method, **timings
+    )
     summary["profile_seconds_with_model_load"] = round(time.perf_counter() - t0, 1)
     summary["profile_seconds"] = prof.table.info["seconds"]
     summary["correction"] = {
         k: {"scale": w.scale, "offset_ms": w.offset_ms} for k, w in prof.table.workloads.items()
     }
+    compare = []
+    if args.compare:
+        other = profile_model(
+            settings, out=str(out / f"table-{args.device}-{args.compare}.json"),
+            method=args.compare, **timings,
+        )  # fmt: skip
+        compare.append(str(other.path))
+        summary["compare_correction"] = {k: w.scale for k, w in other.table.workloads.items()}
     print(json.dumps(summary, indent=2), flush=True)
 
     t0 = time.perf_counter()
     val = validate_table(
         settings, n=args.n, table_path=str(prof.path), out=str(out / f"validate-{args.device}"),
-        timing=validation_timing,
+        timing=validation_timing, compare=compare,
     )  # fmt: skip
     summary["validate_seconds"] = round(time.perf_counter() - t0, 1)
     summary["validation"] = val["summary"]
+    if args.compare:
+        summary["compare_validation"] = val["compared"][compare[0]]
     FIGURES.mkdir(exist_ok=True)
     figure = FIGURES / f"latency-validation-{args.device}.png"
     shutil.copy(Path(val["out"]) / "validation.png", figure)

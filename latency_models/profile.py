@@ -1,12 +1,18 @@
 """Building a latency table on a device: time blocks, fixed parts, then fit a correction.
 
-Each block size is timed as a stack of as many blocks as the model has layers, each with its
+Each block size is timed in a graph of as many blocks as the model has layers, each with its
 own layer's weights (sliced to the size). A single block timed alone would keep its weights
 in cache between repeats and look faster than it is inside the model, where every layer's
-weights stream from memory; the stack reproduces that traffic, and dividing by its length
-(after removing one empty call's overhead) gives the per-block latency. The fixed parts are
-the embedding, final norm and LM head. A linear correction, fitted to a handful of
-end-to-end measurements, absorbs what the sum of parts misses.
+weights stream from memory; the stack reproduces that traffic. By default (``context``) a
+block size is also timed beside the blocks that run before it in each layer: attention sizes
+as stacks of attention blocks, MLP sizes in graphs whose every layer has its whole attention
+block, less the same graph without MLPs. An MLP's cost depends on what ran before it (on an
+AMD EPYC VM, with whole attention blocks between them, stacks of full-width MLPs took 7% more
+than alone, stacks of quarter-width ones no more), so an MLP timed alone under-prices wide
+MLPs against narrow ones; in context the parts add up to the dense model by construction
+(its attention stack plus what its MLPs add to it). ``stack`` times every size alone. The
+fixed parts are the embedding, final norm and LM head. A correction through the dense model,
+timed whole, absorbs what the sum of parts misses.
 
 Shared machines change speed from one minute to the next. So graphs are timed in groups,
 round-robin, each group beside the same reference graph, and every latency is the reference's
@@ -31,6 +37,14 @@ from latency_models.workload import Workload
 Step = Callable[[str], None]
 
 BLOCK_TIMING = Timing(warmup=1, repeats=5, min_seconds=0.3)
+
+METHODS = {
+    "context": "each size beside the blocks that run before it in every layer: attention "
+    "sizes as stacks of attention blocks, MLP sizes after whole attention blocks, each less "
+    "the same graph without its blocks",
+    "stack": "each size as a stack of that kind's blocks alone, less an empty call",
+}
+BLOCK_ORDER = ("attn", "mlp")  # the order of a layer's blocks
 MODEL_TIMING = Timing(warmup=2, repeats=5, min_seconds=0.3)
 
 
@@ -65,6 +79,21 @@ def block_stack(dense: DecoderWeights, kind: str, size: int) -> DecoderWeights:
         else:
             assert mlp is not None
             layers.append((None, mlp.sliced(size)))
+    return dense.without_ends(layers)
+
+
+def in_context(
+    dense: DecoderWeights, kind: str, size: int, context: Sequence[str]
+) -> DecoderWeights:
+    """The dense model's layers (without the ends) with every ``kind`` block cut to ``size``
+    (0: removed), the blocks of the ``context`` kinds whole, and any other kind's removed."""
+    layers = []
+    for attn, mlp in dense.layers:
+        assert attn is not None and mlp is not None
+        a = (attn.sliced(size) if size else None) if kind == "attn" else attn
+        m = (mlp.sliced(size) if size else None) if kind == "mlp" else mlp
+        layers.append((a if "attn" in (kind, *context) else None,
+                       m if "mlp" in (kind, *context) else None))  # fmt: skip
     return dense.without_ends(layers)
 
 
@@ -119,23 +148,39 @@ def profile_workload(
     shapes: dict[str, Sequence[int]],
     timing: Timing = BLOCK_TIMING,
     on_step: Step = lambda text: None,
+    method: str = "context",
 ) -> WorkloadTable:
+    """One workload's table; ``method`` says how a block size is timed (see ``METHODS``)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown profiling method {method!r}: one of {', '.join(METHODS)}")
     n = len(dense.layers)
     sizes = [(kind, size) for kind, ss in shapes.items() for size in sorted(set(ss) - {0})]
     items = [dense.without_ends([]), dense.ends_only()]
-    items += [block_stack(dense, kind, size) for kind, size in sizes]
-    mlp = shapes.get("mlp")
-    reference = block_stack(dense, "mlp", max(mlp)) if mlp else dense.ends_only()
+    if method == "context":
+        # a kind's sizes are timed beside the kinds before it in a layer, whole: what it adds
+        # to them is its cost there (attention alone; an MLP after whole attention blocks)
+        kinds = [k for k in BLOCK_ORDER if k in shapes]
+        context = {k: kinds[:i] for i, k in enumerate(kinds)}
+        bases = kinds
+        items += [in_context(dense, kind, 0, context[kind]) for kind in bases]
+        items += [in_context(dense, kind, size, context[kind]) for kind, size in sizes]
+        reference = dense.without_ends(dense.layers)
+    else:
+        bases = []
+        items += [block_stack(dense, kind, size) for kind, size in sizes]
+        mlp = shapes.get("mlp")
+        reference = block_stack(dense, "mlp", max(mlp)) if mlp else dense.ends_only()
     ms, _ = measure_beside(
         backend, items, reference, workload, timing, dense.nbytes(),
         lambda done, total: on_step(f"{workload.kind}: block group {done}/{total}"),
     )  # fmt: skip
     call, fixed = ms[0], ms[1]
+    base = dict(zip(bases, ms[2 : 2 + len(bases)]))
     blocks: dict[str, dict[int, float]] = {}
-    for (kind, size), t in zip(sizes, ms[2:]):
-        # Under noise a stack of small blocks can time below the empty call it contains; a
+    for (kind, size), t in zip(sizes, ms[2 + len(bases) :]):
+        # Under noise a graph with small blocks can time below the one without them; a
         # negative block time would predict that keeping the block is faster than removing it.
-        blocks.setdefault(kind, {})[size] = max(t - call, 0.0) / n
+        blocks.setdefault(kind, {})[size] = max(t - base.get(kind, call), 0.0) / n
     return WorkloadTable(workload, fixed, {k: _nondecreasing(d) for k, d in blocks.items()}, call)
 
 
@@ -165,6 +210,7 @@ def profile(
     block_timing: Timing = BLOCK_TIMING,
     model_timing: Timing = MODEL_TIMING,
     on_step: Step = lambda text: None,
+    method: str = "context",
 ) -> LatencyTable:
     """A latency table for ``dense``'s architecture on ``backend``.
 
@@ -174,7 +220,7 @@ def profile(
     """
     start = time.perf_counter()
     tables = {
-        wl.kind: profile_workload(backend, dense, wl, shapes, block_timing, on_step)
+        wl.kind: profile_workload(backend, dense, wl, shapes, block_timing, on_step, method)
         for wl in workloads
     }
     models = list(corrections)
@@ -198,6 +244,7 @@ def profile(
         "created": dt.datetime.now().isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - start, 1),
         "corrections": len(models),
+        "method": method,
         "timing": {"blocks": asdict(block_timing), "models": asdict(model_timing)},
     }
     return LatencyTable(backend.fingerprint(), architecture(dense), tables, info)

@@ -140,8 +140,10 @@ def profile_space(
     on_step: Callable[[str], None] = lambda text: None,
     block_timing: Timing = BLOCK_TIMING,
     model_timing: Timing = MODEL_TIMING,
+    method: str = "context",
 ) -> LatencyTable:
-    """A latency table for the space's model on ``settings.device``, covering the space."""
+    """A latency table for the space's model on ``settings.device``, covering the space
+    (``method``: how block sizes are timed, ``latency_models.profile.METHODS``)."""
     device = settings.backend()
     dense = candidate_weights(space, space.dense())
     models = [
@@ -151,7 +153,7 @@ def profile_space(
     try:
         table = profile(
             device, dense, settings.workloads, space_shapes(space), models, block_timing,
-            model_timing, on_step,
+            model_timing, on_step, method,
         )  # fmt: skip
     finally:
         space.apply(space.dense())
@@ -297,6 +299,19 @@ def validate(
             v.measured_fraction.append(timed[k].ratio)
             v.dense_measured.append(timed[k].dense.median_ms)
         on_step(i + 1, len(candidates))
+    return out
+
+
+def repredicted(v: Validation, costs: CostTable) -> Validation:
+    """The same measurements with another table's predictions."""
+    out = Validation(
+        v.device, v.workload, measured=list(v.measured),
+        measured_fraction=list(v.measured_fraction), dense_measured=list(v.dense_measured),
+        candidates=list(v.candidates),
+    )  # fmt: skip
+    for genes in v.candidates:
+        out.predicted.append(costs.cost(genes))
+        out.predicted_fraction.append(costs.cost(genes) / costs.dense())
     return out
 
 

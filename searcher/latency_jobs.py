@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from searcher.latency import (
     load_table,
     plot_validation,
     profile_space,
+    repredicted,
     validate,
     workload_report,
 )
@@ -65,6 +66,7 @@ def profile_model(
     on_step: Callable[[str], None] = lambda text: None,
     block_timing: Timing = BLOCK_TIMING,
     model_timing: Timing = MODEL_TIMING,
+    method: str = "context",
 ) -> ProfileResult:
     """``searcher profile``: build and save the latency table of a model's space on a device."""
     if corrections < 0:
@@ -74,7 +76,7 @@ def profile_model(
     on_step("loading model")
     session = _session(model, space, space_options, data, trust_remote_code)
     table = profile_space(
-        session.space, settings, corrections, seed, on_step, block_timing, model_timing
+        session.space, settings, corrections, seed, on_step, block_timing, model_timing, method
     )
     table.info["model"] = session.loaded.identity["source"]
     path = (
@@ -99,9 +101,12 @@ def validate_table(
     trust_remote_code: bool = False,
     on_step: Callable[[int, int], None] = lambda done, total: None,
     timing: Timing = MODEL_TIMING,
+    compare: Sequence[str] = (),
 ) -> dict[str, Any]:
     """``searcher latency validate``: predicted against measured latency of random candidates;
-    writes validation.json (every pair) and a scatter plot."""
+    writes validation.json (every pair) and a scatter plot. ``compare``: other tables of the
+    same model and device, whose predictions of the same measured candidates are summarised
+    too (under ``compared``), an A/B of two tables free of the machine's drift."""
     if n < 1:
         raise SearcherError("--n must be at least 1")
     kinds = KINDS if workload is None else (workload,)
@@ -123,6 +128,13 @@ def validate_table(
     )
     target.mkdir(parents=True, exist_ok=True)
     summary = {k: v.summary() for k, v in results.items()}
+    compared = {}
+    for other in compare:
+        t, _ = load_table(other, session.space, settings, allow_mismatch)
+        compared[str(other)] = {
+            k: repredicted(v, latency_costs(t, session.space, k)).summary()
+            for k, v in results.items()
+        }
     payload = {
         "table": str(path),
         "space": session.space.name,
@@ -130,6 +142,7 @@ def validate_table(
         "table_mismatch": notes,
         "summary": summary,
         "pairs": {k: v.pairs() for k, v in results.items()},
+        "compared": compared,
     }
     write_json(target / "validation.json", payload)
     plot_validation(
@@ -137,7 +150,10 @@ def validate_table(
         f"{session.loaded.identity['source']} · {session.space.name} space · {settings.device}, "
         f"{settings.backend().threads} threads",
     )  # fmt: skip
-    return {"out": str(target), "table": str(path), "summary": summary, "notes": notes}
+    return {
+        "out": str(target), "table": str(path), "summary": summary, "notes": notes,
+        "compared": compared,
+    }  # fmt: skip
 
 
 def measure_config(

@@ -601,3 +601,57 @@ def test_a_run_profiles_the_device_once_when_it_has_no_table(
     assert tables[0].stat().st_mtime_ns == stamp
     run = json.loads((tmp_path / "b" / "run.json").read_text())
     assert run["latency"]["table"] == str(tables[0].resolve())
+
+
+class _InteractingBackend:
+    """A device whose graphs take exactly: one call, the ends, every attention block (1 ms per
+    KV group), and every MLP (0.01 ms per neuron), 20% slower when an attention block runs
+    before it in its layer, and wide MLPs (over 64 neurons) 10% slower again: an MLP's cost
+    depends on its context, as measured on an AMD EPYC VM."""
+
+    name = "interacting"
+    threads = 1
+
+    @staticmethod
+    def latency(w) -> float:
+        ms = 0.5 + (3.0 if w.head is not None else 0.0)
+        for attn, mlp in w.layers:
+            ms += attn.groups if attn is not None else 0.0
+            if mlp is not None:
+                after_attention = 1.2 * (1.1 if mlp.width > 64 else 1.0)
+                ms += 0.01 * mlp.width * (after_attention if attn is not None else 1.0)
+        return ms
+
+    def measure_many(self, weights, workload, timing):
+        return [Measurement.of([self.latency(w)] * 3) for w in weights]
+
+    def fingerprint(self):
+        return {"backend": self.name, "cpu": "synthetic", "cores": 1, "threads": 1}
+
+
+@pytest.mark.parametrize("method", ["context", "stack"])
+def test_profiling_in_context_prices_what_a_block_adds_where_it_runs(width_space, method) -> None:
+    from latency_models.profile import profile
+
+    device = _InteractingBackend()
+    dense = candidate_weights(width_space, width_space.dense())
+    rng = np.random.default_rng(3)
+    picks = [tuple(int(rng.integers(0, n)) for n in width_space.n_levels) for _ in range(12)]
+    # every candidate keeps at least one KV group per layer (the width space's lowest level)
+    models = [(candidate_blocks(width_space, g), lambda g=g: candidate_weights(width_space, g))
+              for g in picks[:4]]  # fmt: skip
+    table = profile(device, dense, [Workload("prefill", 1, 16)], space_shapes(width_space),
+                    models, FAST, FAST, method=method)  # fmt: skip
+    width_space.apply(width_space.dense())
+    assert table.info["method"] == method
+    costs = latency_costs(table, width_space, "prefill")
+    truth = device.latency(dense)
+    errors = []
+    for genes in picks[4:]:
+        share = device.latency(candidate_weights(width_space, genes)) / truth
+        errors.append(abs(costs.cost(genes) / costs.dense() - share))
+    width_space.apply(width_space.dense())
+    if method == "context":  # exact: the MLPs' interaction is priced where it happens
+        assert max(errors) < 1e-9
+    else:  # alone, MLPs miss the interaction and wide ones are under-priced
+        assert max(errors) > 1e-3

@@ -17,7 +17,10 @@ the kept rows instead). Which tensors a unit owns is the model family's business
 In a mixture-of-experts block a unit is one neuron of every routed expert: each expert's
 neurons are ranked by its own routed activations (so a level keeps each expert's own best),
 and a shared expert's neurons, a whole multiple of an expert's width, go at the same share,
-ranked by their own scores. Stacked expert weights are sliced into contiguous copies.
+ranked by their own scores. Stacked expert weights are sliced into contiguous copies, and an
+expert's width is a multiple of 8 neurons (``EXPERT_WIDTH_MULTIPLE``: the grid's widths
+rounded to the nearest, repeats dropped), since transformers' grouped expert matmul takes
+rows of whole multiples of 16 bytes only.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from latency_models.table import CostTable
 from searcher.families import BlockLayout, Slab
 from searcher.families.base import in_axis
+from searcher.families.moe import EXPERT_WIDTH_MULTIPLE
 from spaces.base import Block, Gene, SearchSpace, block_tables, digest, refuse_mixed
 from spaces.experts import Routing, routing_by_layer
 from spaces.importance import input_statistics
@@ -56,10 +60,10 @@ class WidthSpace(SearchSpace):
             raise ValueError("mlp_min_steps must lie in [1, mlp_steps]")
         self.mlp_steps, self.mlp_min_steps = mlp_steps, mlp_min_steps
         self.attn_min_groups = max(1, min(attn_min_groups, s.kv_heads))
-        self.mlp_sizes = [
-            max(1, round(s.intermediate * k / mlp_steps))
-            for k in range(mlp_min_steps, mlp_steps + 1)
-        ]
+        # MoE experts' widths on multiples of the experts kernel's alignment (see
+        # searcher.families.moe): every level runs, in float32 and in half precision
+        multiple = EXPERT_WIDTH_MULTIPLE if s.moe else 1
+        self.mlp_sizes = mlp_levels(s.intermediate, mlp_steps, mlp_min_steps, multiple)
         self.group_counts = list(range(self.attn_min_groups, s.kv_heads + 1))
         genes = []
         for layer in s.layers:
@@ -224,6 +228,23 @@ class WidthSpace(SearchSpace):
             "mlp_min_steps": self.mlp_min_steps,
             "attn_min_groups": self.attn_min_groups,
         }
+
+
+def mlp_levels(full: int, steps: int, min_steps: int = 1, multiple: int = 1) -> list[int]:
+    """The MLP widths of a grid of ``steps``: k / steps of ``full`` neurons, k from
+    ``min_steps``, narrowest first. With ``multiple`` > 1 each is rounded to the nearest
+    multiple of it (at least one multiple, at most ``full``) and repeats are dropped; ``full``
+    itself stays a level, the dense model's width whatever its alignment."""
+    widths = [max(1, round(full * k / steps)) for k in range(min_steps, steps + 1)]
+    if multiple == 1:
+        return widths  # (repeats too, where steps > full: as it always was for dense MLPs)
+    top = full // multiple * multiple  # the widest aligned width up to full
+    if top == 0:  # not one multiple fits: the dense width alone
+        return [full]
+    aligned = {
+        w if w == full else min(top, max(multiple, multiple * round(w / multiple))) for w in widths
+    }
+    return sorted(aligned)
 
 
 def _rank_experts_neurons(

@@ -172,6 +172,26 @@ def test_width_ranks_each_experts_neurons_by_its_own_scores(model_type: str) -> 
         assert unit_scores == sorted(unit_scores, reverse=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_every_width_level_runs_in_the_default_experts_kernel(model_type, dtype) -> None:
+    """The width space's default grid (16 steps) of experts 32 neurons wide keeps multiples of
+    8 neurons (not 2, 4, 6, ...: transformers' grouped_mm kernel refuses rows that are not
+    whole multiples of 16 bytes), and every level runs through that kernel, in every family."""
+    if model_type.endswith(":mixed"):
+        return  # refused above
+    model = build(model_type).to(dtype)
+    assert model.config._experts_implementation == "grouped_mm"
+    space = spaces.build("width", spaces.Structure.of(model), SEQ, _windows())
+    assert space.mlp_sizes == [8, 16, 24, 32]
+    ids = _windows()[:1]
+    for level in range(len(space.mlp_sizes)):
+        space.apply(tuple(level if g.kind == "mlp" else 0 for g in space.genes))
+        assert torch.isfinite(logits(model, ids)).all()
+        for layer in space.structure.moe_layers:
+            experts = layer.module.get_submodule(layer.mlp.experts.module)
+            assert experts.gate_up_proj[0].numel() == 2 * space.mlp_sizes[level] * 96
+
+
 def test_a_shared_expert_of_no_whole_multiple_of_the_width_is_kept_whole(tmp_path: Path):
     """Qwen2-MoE with a shared expert 1.5 experts wide: width prunes the routed experts and
     keeps the shared expert whole; costs stay exact and the uniform export is the family's

@@ -137,7 +137,7 @@ def _write(
         info = save_pruned(pruned, out, cfg)
         session.loaded.tokenizer.save_pretrained(out)
         on_phase("checking the saved model against the search")
-        check = faithful(session, genes, load_pruned(out))
+        check = faithful(session, genes, load_pruned(out, session.loaded.model.dtype))
         return {"format": fmt, "out": str(out), **info, **check}
     from searcher.export.onnx import export_onnx
 

@@ -182,6 +182,14 @@ def classes_for(model_type: str) -> tuple[type, type]:
 
         config_class = SearcherPrunedConfig
 
+        @classmethod
+        def _can_set_experts_implementation(cls) -> bool:
+            # transformers decides whether a class may pick its experts kernel by looking for
+            # a decorator in the class's source file; this file has none, but the experts are
+            # the family's own: without this, a pruned MoE model would run eager experts, not
+            # the grouped kernel it was scored with
+            return base_model._can_set_experts_implementation()
+
         def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
             super().__init__(config, *args, **kwargs)
             reshape(self, getattr(config, KEY, None) or {})

@@ -17,6 +17,13 @@ the softmax runs over the experts kept, top-k is at most the experts kept.
 
 The block's units, for the cost model, are each routed expert's neurons; its experts are
 described by ``Experts`` (``searcher.families.base``).
+
+Alignment: transformers runs the experts with its ``grouped_mm`` kernel by default
+(``torch._grouped_mm``, on the CPU and on CUDA), which refuses a matrix whose rows are not a
+whole multiple of 16 bytes ("strides should be multiple of 16 bytes"): an expert's width and
+the hidden size, times the element size, must be. The spaces therefore keep expert widths
+that are multiples of ``EXPERT_WIDTH_MULTIPLE`` neurons, and ``check`` refuses, in one line,
+a model whose own experts that kernel cannot run.
 """
 
 from __future__ import annotations
@@ -32,6 +39,12 @@ from searcher.families.base import BlockLayout, Experts, Shapes, Slab, get_tenso
 from searcher.families.llama import Llama, _has
 
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts")
+# torch._grouped_mm takes rows of whole multiples of this many bytes only
+GROUPED_MM_ROW_BYTES = 16
+# Expert widths the spaces keep are multiples of this many neurons: 16 bytes at 2-byte values
+# (bfloat16, float16), so that a model pruned in float32 runs in half precision too (at float32,
+# 4 would do).
+EXPERT_WIDTH_MULTIPLE = GROUPED_MM_ROW_BYTES // 2
 
 
 class Mixtral(Llama):
@@ -45,6 +58,7 @@ class Mixtral(Llama):
         # With per-layer expert counts the auxiliary (load-balancing) loss cannot stack the
         # layers' router logits; it is a training loss, so a pruned model does not compute it.
         model.config.output_router_logits = False
+        refuse_unaligned_experts(self, model)
 
     def block(self, kind: str, shapes: Shapes, layer: nn.Module) -> BlockLayout:
         if kind == "attn":
@@ -137,6 +151,38 @@ class Olmoe(Mixtral):
     always_renormalised = False
     # its q/k norms are sized from hidden_size, so a config with fewer heads cannot build them
     head_dim_in_config = False
+
+
+def refuse_unaligned_experts(family: Mixtral, model: nn.Module) -> None:
+    """Refuse, in one line, a model whose experts transformers' ``grouped_mm`` kernel (its
+    default) cannot run in the model's dtype: an expert width or hidden size whose rows are not
+    whole multiples of 16 bytes. Such a model fails in plain transformers as well, with a
+    traceback from deep in its forward pass."""
+    if getattr(model.config, "_experts_implementation", None) != "grouped_mm":
+        return  # eager and batched_mm take any width
+    hidden = int(model.config.hidden_size)
+    for i, layer in enumerate(family.decoder_layers(model)):
+        if not _has_experts(layer):
+            continue
+        t = get_tensor(layer, "mlp.experts.gate_up_proj")
+        if t.device.type == "meta" or t.shape[0] == 0:
+            continue  # a shell with no values to multiply
+        width = t[0].numel() // (2 * hidden)  # [2 * width, hidden] or [hidden, 2 * width]
+        size = t.element_size()
+        if all(n * size % GROUPED_MM_ROW_BYTES == 0 for n in (width, hidden)):
+            continue
+        step, dtype = GROUPED_MM_ROW_BYTES // size, str(t.dtype).removeprefix("torch.")
+        fits = all(n * 4 % GROUPED_MM_ROW_BYTES == 0 for n in (width, hidden))
+        fix = (
+            "load it in float32 (--dtype float32)"
+            if fits
+            else "no dtype fixes that, and plain transformers cannot run the model either"
+        )
+        raise SearcherError(
+            f"this {family.name} model's experts (layer {i}: {width} neurons wide, hidden size "
+            f"{hidden}) do not run in transformers' grouped_mm experts kernel in {dtype}: it "
+            f"needs both to be multiples of {step} at {size}-byte values; {fix}"
+        )
 
 
 def _has_experts(layer: nn.Module) -> bool:

@@ -187,8 +187,9 @@ def profile_workload(
 def _nondecreasing(times: dict[int, float]) -> dict[int, float]:
     """Block times made to grow with the block's size: where noise times a block faster than a
     smaller one (blocks whose sizes differ little, on a busy machine), the sizes out of order
-    are pooled to their mean (isotonic regression). The search lowers a block's size to cut
-    latency, and cannot meet a budget on a table where that adds latency."""
+    are pooled to their mean (isotonic regression). On a CPU a wider dense matmul is never
+    faster, so an inversion is noise; the search itself does not need costs that grow with
+    the level (``searcher.problem``), only this profiler assumes it of CPU kernels."""
     sizes = sorted(times)
     pools: list[tuple[float, int]] = []  # (sum of times, number of sizes), in size order
     for size in sizes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -12,7 +13,9 @@ import numpy as np
 class CostTable:
     """Cost of a candidate = ``base + sum(levels[g][candidate[g]])`` for one metric.
 
-    ``levels[g]`` is ordered like the gene's levels (index 0 = most compressed).
+    ``levels[g]`` is ordered like the gene's levels (index 0 = most compressed). Costs need
+    not grow with the level: a measured latency table can time a larger block faster (GPU
+    kernels that prefer some sizes, quantized kernels), so nothing here assumes they do.
     """
 
     metric: str
@@ -30,19 +33,28 @@ class CostTable:
         return self.base + float(sum(t[-1] for t in self.levels))
 
     def minimum(self) -> float:
+        """The least cost any candidate has: each gene at its cheapest level, whichever that
+        is (not necessarily level 0)."""
         return self.base + float(sum(t.min() for t in self.levels))
 
-    def raise_deltas(self, genes: Sequence[int]) -> np.ndarray:
-        """Cost added by raising each gene one level (inf where it is already at the top)."""
-        return np.array(
-            [t[g + 1] - t[g] if g + 1 < len(t) else np.inf for t, g in zip(self.levels, genes)]
-        )
+    def cheapest(self) -> tuple[int, ...]:
+        """Per gene, its level of least cost (the lowest such level on ties)."""
+        return tuple(int(np.argmin(t)) for t in self.levels)
 
-    def lower_deltas(self, genes: Sequence[int]) -> np.ndarray:
-        """Cost that lowering each gene can remove: down to its cheapest lower level (0 where
-        none is cheaper). Not just one level down: in a measured latency table neighbouring
-        levels can cost the same, and a repair that lowers only genes whose next level is
-        cheaper would stop over budget with cheaper levels further down."""
-        return np.array(
-            [max(t[g] - t[:g].min(), 0.0) if g > 0 else 0.0 for t, g in zip(self.levels, genes)]
-        )
+    @cached_property
+    def matrix(self) -> np.ndarray:
+        """The costs as one array, gene by level, padded with inf past a gene's last level."""
+        width = max((len(t) for t in self.levels), default=0)
+        out = np.full((len(self.levels), width), np.inf)
+        for g, t in enumerate(self.levels):
+            out[g, : len(t)] = t
+        return out
+
+    def savings(self, genes: Sequence[int]) -> np.ndarray:
+        """Cost that moving each gene to its cheapest level removes (0 where it is there).
+
+        Any level, not just lower ones and not just one level away: in a measured latency
+        table neighbouring levels can cost the same, and a block can time faster at a larger
+        size, so a repair that looks only one level down stops over budget with cheaper
+        levels elsewhere."""
+        return np.array([t[g] - t.min() for t, g in zip(self.levels, genes, strict=True)])

@@ -55,7 +55,9 @@ class Evolution(Algorithm):
         self.trained = trained
         self.flips = 0  # generations whose trained winner is not the untrained ranking's
         start = initial if initial is not None else problem.uniform()
-        self.parent: Candidate = problem.fill(start, self.rng)
+        # repaired too: a given start need not meet the budget (repair draws nothing when it
+        # does, so a feasible start is only filled)
+        self.parent: Candidate = problem.to_budget(start, self.rng)
         self.generation = 0
         self._stage = 0
         self._pool: list[Candidate] = [self.parent]

@@ -18,13 +18,13 @@ as fit in a share of it, or none at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
-from searcher.problem import Candidate, Problem
+from searcher.problem import Candidate, Problem, knapsack
 
 LEVELS = (6, 5, 4, 3, 2, 1)  # options scored per layer, the most that fit
 STEP = 0.125  # kept fraction between scored options, and from the lowest to uniform
@@ -200,52 +200,6 @@ def curve(r: float, at: np.ndarray, err: np.ndarray) -> float:
     if min(e0, e1) > 0 and r1 > r0 > 0:
         return float(e0 * (r / r0) ** (np.log(e1 / e0) / np.log(r1 / r0)))
     return float(e0 + (e1 - e0) * (r - r0) / (r1 - r0)) if r1 > r0 else float(e1)
-
-
-def knapsack(
-    costs: list[np.ndarray], errors: list[np.ndarray], room: float, bins: int,
-    exact: Callable[[Sequence[int]], float] | None = None,
-) -> list[int] | None:  # fmt: skip
-    """One option per item minimising the summed error with the summed cost within ``room``:
-    a multiple-choice knapsack by dynamic programming over ``bins`` capacity steps.
-
-    Costs are rounded down, so the table holds every truly feasible choice; the answer is
-    the best one, walking down from full capacity, whose exact cost (``exact``, default the
-    sum of ``costs``) fits. With no room above the cheapest options, the cheapest options;
-    None when every choice that fits has an infinite error."""
-    exact = exact or (lambda c: float(sum(cost[i] for cost, i in zip(costs, c))))
-    cheapest = [int(np.argmin(c)) for c in costs]
-    lows = np.array([c.min() for c in costs])
-    free = room - lows.sum()
-    if free <= 0:
-        return cheapest
-    step = free / bins
-    weights = [np.floor((c - c.min()) / step + 1e-9).astype(int) for c in costs]
-    best = np.zeros(bins + 1)  # best[w]: least error of the items so far within weight w
-    choice = np.zeros((len(errors), bins + 1), dtype=np.int16)
-    for i, (err, w_i) in enumerate(zip(errors, weights, strict=True)):
-        new = np.full(bins + 1, np.inf)
-        for option, (w, e) in enumerate(zip(w_i, err)):
-            if w > bins:
-                continue
-            cand = np.full(bins + 1, np.inf)
-            cand[w:] = best[: bins + 1 - w] + e
-            better = cand < new
-            new[better] = cand[better]
-            choice[i][better] = option
-        best = new
-    if not np.isfinite(best).any():
-        return None  # every choice within room has an unknown (infinite) error
-    for top in (c for c in range(bins, -1, -1) if np.isfinite(best[c])):
-        picked, w = [], top
-        for i in range(len(errors) - 1, -1, -1):
-            option = int(choice[i][w])
-            picked.append(option)
-            w -= int(weights[i][option])
-        picked.reverse()
-        if exact(picked) <= room:
-            return picked
-    return cheapest
 
 
 def spaced_picks(kept: Sequence[float], at: float, count: int) -> tuple[int, ...]:

@@ -40,7 +40,7 @@ def main() -> None:
         "--repeats", type=int, default=None,
         help="timing rounds for blocks, correction models and validation (default: searcher's)",
     )  # fmt: skip
-    ap.add_argument("--method", default="context", choices=("context", "stack"))
+    ap.add_argument("--method", default="stack", choices=("context", "stack"))
     ap.add_argument("--compare", choices=("context", "stack"), help="a second table to compare")
     args = ap.parse_args()
     out = Path(args.out)

@@ -140,7 +140,7 @@ def profile_space(
     on_step: Callable[[str], None] = lambda text: None,
     block_timing: Timing = BLOCK_TIMING,
     model_timing: Timing = MODEL_TIMING,
-    method: str = "context",
+    method: str = "stack",
 ) -> LatencyTable:
     """A latency table for the space's model on ``settings.device``, covering the space
     (``method``: how block sizes are timed, ``latency_models.profile.METHODS``)."""

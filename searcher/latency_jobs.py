@@ -66,7 +66,7 @@ def profile_model(
     on_step: Callable[[str], None] = lambda text: None,
     block_timing: Timing = BLOCK_TIMING,
     model_timing: Timing = MODEL_TIMING,
-    method: str = "context",
+    method: str = "stack",
 ) -> ProfileResult:
     """``searcher profile``: build and save the latency table of a model's space on a device."""
     if corrections < 0:

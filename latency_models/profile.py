@@ -7,13 +7,13 @@ weights stream from memory; the stack reproduces that traffic (``stack``, the de
 ``context`` times a block size beside the blocks that run before it in each layer instead:
 attention sizes as stacks of attention blocks, MLP sizes in graphs whose every layer has its
 whole attention block, less the same graph without MLPs, so that the parts add up to the
-dense model by construction. Which is better on which CPU is still open: on an AMD EPYC VM
-under heavy load (other jobs on both cores; 40 width candidates, each method's table
-predicting the same measurements), ``context`` put 68% of prefill shares and 82% of decode
-shares within 10% of the measured, ``stack`` 97% and 70%: too noisy to choose, so the
-default stays the method measured on a quiet Intel Xeon VM (99% / 100%). The fixed parts are
-the embedding, final norm and LM head. A correction through the dense model, timed whole,
-absorbs what the sum of parts misses.
+dense model by construction. On a quiet AMD EPYC VM (100 width candidates, each method's table
+predicting the same measurements) ``stack`` put 96% of prefill and 100% of decode shares
+within 10% of the measured, ``context`` 98% and 92%; on a quiet Intel Xeon VM ``stack`` gave
+99% / 100% (before the per-call constant below): ``stack`` stays the default. The fixed
+parts are the embedding, final norm and LM head. A correction through the dense model,
+timed whole, absorbs what the sum of parts misses: a scale, and a per-call constant fitted
+to whole models' shares of the dense one (``WorkloadTable.fit_correction``).
 
 Shared machines change speed from one minute to the next. So graphs are timed in groups,
 round-robin, each group beside the same reference graph, and every latency is the reference's

@@ -214,6 +214,29 @@ def test_correction_fit_recovers_a_linear_map() -> None:
     assert wt.scale == pytest.approx(1.2) and wt.offset_ms == pytest.approx(3.0)
 
 
+def test_anchored_correction_fits_the_per_call_cost_the_blocks_miss() -> None:
+    """Through the anchor (dense, timed as the reference) the fit keeps its latency and fits
+    one constant to the models' shares of the dense model timed among them: shares made with a
+    known constant give it back, and a candidate's predicted share is (raw + c) / (dense + c)."""
+    from latency_models.latency_table import WorkloadTable
+
+    wt = WorkloadTable(Workload("decode", 1, 8), 4.0, {"mlp": {4: 1.0}})
+    raw = [100.0, 40.0, 55.0, 70.0, 85.0]  # the first: the dense model
+    c, dense_item = 6.0, 30.0
+    measured = [dense_item * (r + c) / (raw[0] + c) for r in raw]
+    wt.fit_correction(raw, measured, anchor=(raw[0], 1.05 * dense_item))  # reference 5% slower
+    assert wt.offset_ms / wt.scale == pytest.approx(c, rel=1e-3)
+    assert wt.scale * raw[0] + wt.offset_ms == pytest.approx(1.05 * dense_item)
+    share = (wt.scale * 40.0 + wt.offset_ms) / (wt.scale * raw[0] + wt.offset_ms)
+    assert share == pytest.approx(measured[1] / dense_item, rel=1e-4)
+    # shares that are the raw ratio give no constant: the plain ratio through the anchor
+    wt.fit_correction(raw, [0.3 * r for r in raw], anchor=(raw[0], 31.0))
+    assert abs(wt.offset_ms) < 1e-3 * 31.0 and wt.scale == pytest.approx(0.31, rel=1e-3)
+    # too few models apart from the anchor to fit anything: the ratio
+    wt.fit_correction([100.0, 50.0], [30.0, 20.0], anchor=(100.0, 30.0))
+    assert wt.offset_ms == 0.0 and wt.scale == pytest.approx(0.3)
+
+
 def test_sparsity_latency_is_the_dense_latency_and_a_latency_budget_is_refused() -> None:
     space = _space("sparsity")
     blocks_fixed, per_gene = space.blocks()

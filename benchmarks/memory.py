@@ -13,20 +13,25 @@ about 1.7 GB of float32 weights), then runs, each in a fresh process under
 
 and reports each peak resident set size, its ratio to the weight bytes, and what it holds
 above the runtime, in weights (the target: at most 1.5). ``--dtype bfloat16`` builds,
-loads and searches the model in bfloat16 (memory-bfloat16.json). Writes ``--out``/memory.json.
+loads and searches the model in bfloat16. Writes ``--out``/memory-<dtype>.json, with the
+command, the machine's CPU and the date.
 
     .venv/bin/python benchmarks/memory.py
+    .venv/bin/python benchmarks/memory.py --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from latency_models.backends import cpu_name
 
 BUDGETS = {
     "width": "flops=0.5", "depth": "blocks=0.75", "sparsity": "sparsity=0.5", "joint": "flops=0.5"
@@ -101,10 +106,13 @@ def main(argv: list[str] | None = None) -> int:
                "wall_s": round(wall, 1)}
         for name, (rss, wall) in rows.items()
     }  # fmt: skip
-    result = {"weights_gb": round(weights / 1e9, 3), "dtype": args.dtype, "runs": table}
-    (out / f"memory{'' if args.dtype == 'float32' else '-' + args.dtype}.json").write_text(
-        json.dumps(result, indent=2) + "\n"
-    )
+    given = sys.argv[1:] if argv is None else argv
+    result = {
+        "weights_gb": round(weights / 1e9, 3), "dtype": args.dtype, "runs": table,
+        "command": " ".join(["benchmarks/memory.py", *given]),
+        "cpu": cpu_name(), "date": datetime.date.today().isoformat(),
+    }  # fmt: skip
+    (out / f"memory-{args.dtype}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"dense weights: {weights / 1e9:.2f} GB ({args.dtype})")
     print("| run | peak RSS GB | × weights | above runtime GB | above runtime × weights | wall s |")
     print("|---|---|---|---|---|---|")

@@ -175,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--corrections", type=int, default=8,
                    help="whole models measured to fit the correction (default 8)")  # fmt: skip
+    p.add_argument(
+        "--method", choices=("context", "stack"), default="stack",
+        help="how a block size is timed: as a stack of that kind's blocks alone (stack, "
+        "default), or MLP sizes after whole attention blocks (context)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
 
     lt = sub.add_parser(
@@ -280,6 +285,9 @@ def _add_heal(sub: Any, common: argparse.ArgumentParser) -> None:
                    help=f"last windows of the text held out ({d.validation_windows})")  # fmt: skip
     h.add_argument("--data", help=".txt or .jsonl to heal on (default: the run's text)")
     h.add_argument("--device", default=d.device, help="cpu (float32) or cuda (bfloat16)")
+    h.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer's activations in the backward pass instead of "
+                   "keeping them: less memory, one more forward pass per step")  # fmt: skip
     h.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     h.add_argument("--model", help="the dense model directory, if it moved since the run")
     h.add_argument("--resume", action="store_true",
@@ -312,6 +320,7 @@ def _heal(args: argparse.Namespace) -> None:
         warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip, seed=args.seed,
         lora=args.lora, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
         validation_windows=args.validation_windows, data=args.data, device=args.device,
+        gradient_checkpointing=args.gradient_checkpointing,
     )  # fmt: skip
     settings.check()
     columns = (
@@ -544,7 +553,7 @@ def _profile(args: argparse.Namespace) -> None:
         res = profile_model(
             _settings(args), args.model, args.space, dict(args.space_options), args.out,
             args.corrections, args.seed, args.data, args.trust_remote_code,
-            on_step=lambda text: status.update(f"profiling: {text}"),
+            on_step=lambda text: status.update(f"profiling: {text}"), method=args.method,
         )  # fmt: skip
     t = res.table
     print(f"latency table for {t.device['backend']} ({t.device['cpu']}, {t.device['threads']} "

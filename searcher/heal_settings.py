@@ -27,6 +27,9 @@ class HealSettings:
     validation_windows: int = 16
     data: str | None = None  # None: the config's calibration text
     device: str = "cpu"
+    # recompute each decoder layer in the backward pass instead of keeping its activations:
+    # less memory, about one more forward pass of time, the same gradients
+    gradient_checkpointing: bool = False
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "validation_windows"):

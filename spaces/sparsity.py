@@ -2,11 +2,15 @@
 
 The mask is Wanda's: weights are ranked within each output row by |W_ij| * ||X_j||_2, with
 ||X_j|| the norm of input feature j over the calibration tokens, and a level of sparsity s
-zeroes the ceil(s * in_features) lowest-ranked weights of every row. Ranks are computed once
-and kept as each weight's first level that keeps it (one byte a weight); applying a candidate
-rewrites only the layers whose level changed, from dense values read back from the model's
-checkpoint (``searcher.checkpoint``) where it holds exactly the loaded weights, so the space
-holds no dense copy beside the model (a model built in memory gets one).
+zeroes the ceil(s * in_features) lowest-ranked weights of every row (ties: the earlier column
+first). Applying a candidate rewrites only the layers whose level changed, from dense values
+read back from the model's checkpoint (``searcher.checkpoint``) where it holds exactly the
+loaded weights, so the space holds no dense copy beside the model (a model built in memory
+gets one). Nor does it hold a mask: per row and level it keeps the highest score that level
+zeroes (and, for the rare rows where equal scores straddle that cut, how many of them go),
+and a mask is the dense values' scores above that cut (``_kept``). That is 8 bytes a row per
+level (80 on the default grid of 10 levels), where the masks kept before took half a byte a
+weight (512 bytes for a row of 1024; 0.25x of bfloat16 weights).
 
 Unstructured zeros do not make dense kernels faster, so FLOPs are reported as dense; what the
 budget limits is the kept ("nonzero") share of the prunable weights (``sparsity=R`` means at
@@ -27,6 +31,7 @@ from torch import nn
 from latency_models.table import CostTable
 from searcher.checkpoint import CheckpointTensors
 from searcher.families.base import in_axis
+from searcher.heap import release_free
 from spaces.base import (
     Block,
     Gene,
@@ -88,12 +93,12 @@ class SparsitySpace(SearchSpace):
         stats = self._statistics(windows, batch_size)
         checkpoint = CheckpointTensors.of(structure.model)
         self._shapes: list[tuple[int, int]] = []  # [out, in] of each gene's weight
-        # per weight, the first level that keeps it (two to a byte up to 16 levels, as the
-        # default 10% grid has; one byte up to 255; else the weight's rank in its row,
-        # int16/32): half a byte to 2 bytes a weight, not a float copy
-        self._kept_from: list[torch.Tensor] = []
-        self._by_rank = len(self.sparsities) > 255
-        self._packed = len(self.sparsities) <= 16
+        # per gene, what its masks are computed from: the input norms, per level and row the
+        # highest score the level zeroes ([levels, out], float64), and per level the rows
+        # where the scores tied at that cut are not all zeroed: (rows, how many of them go)
+        self._norms = [stats[g.name] for g in self.genes]
+        self._cuts: list[torch.Tensor] = []
+        self._ties: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
         # dense values: read back from the checkpoint where it holds exactly the loaded
         # weight, else a resident copy
         self._stored: list[str | None] = []
@@ -106,14 +111,14 @@ class SparsitySpace(SearchSpace):
             w = self._rows(gi)
             score = self._score(gi, stats)
             total, count = total + float(score.sum()), count + score.numel()
-            rank = _row_ranks(score)
-            del score
-            fingerprint.update(rank.cpu().contiguous().numpy().tobytes())
+            order = torch.argsort(score, dim=1, stable=True)
+            fingerprint.update(_ranks(order).cpu().numpy().tobytes())
             self._shapes.append((w.shape[0], w.shape[1]))
-            kept = rank if self._by_rank else self._first_kept(gi, rank)
-            self._kept_from.append(_pack(kept) if self._packed else kept)
-            del kept
-            del rank
+            zeroed = [self._zeroed(gi, level) for level in range(len(self.sparsities))]
+            cuts, ties = _cuts(score, order, zeroed)
+            self._cuts.append(cuts)
+            self._ties.append(ties)
+            del score, order
             self._stored.append(_stored_name(checkpoint, self._name(gi), self._weight(gi)))
             if self._stored[-1] is None:
                 self._copies[gi] = w.clone()
@@ -124,6 +129,9 @@ class SparsitySpace(SearchSpace):
                 above = sum(int((self._score(g, stats) > bar).sum()) for g in range(first, gi + 1))
                 self._outliers += [above / count] * (gi + 1 - first)
                 total, count, first = 0.0, 0, gi + 1
+            # this weight's freed scores, ranks and checkpoint read back to the system, or the
+            # heap grows by some of them each weight (searcher.heap)
+            release_free()
         self._fingerprint = fingerprint.hexdigest()[:16]
         if self._copies:
             log.info(
@@ -189,14 +197,6 @@ class SparsitySpace(SearchSpace):
                 out[self.genes[gi].name] = sq.sqrt()
         return out
 
-    def _first_kept(self, gi: int, rank: torch.Tensor) -> torch.Tensor:
-        """Per weight, the first level whose mask keeps it: levels are ordered most zeroed
-        first, and a weight of rank r is kept at every level zeroing at most r a row."""
-        first = torch.zeros(rank.shape, dtype=torch.uint8, device=rank.device)
-        for level in range(len(self.sparsities)):  # counts the levels that zero the weight
-            first += rank < self._zeroed(gi, level)
-        return first
-
     def _score(self, gi: int, stats: dict[str, torch.Tensor]) -> torch.Tensor:
         """Wanda's score of each weight of gene gi, [out, in], in float64."""
         w = self._rows(gi)
@@ -204,6 +204,15 @@ class SparsitySpace(SearchSpace):
         # stacked experts: each expert's rows by the norms of its own inputs
         l2 = l2.repeat_interleave(w.shape[0] // len(l2), 0) if l2.dim() == 2 else l2[None, :]
         return w.abs().double() * l2
+
+    def _keep(self, gi: int, dense: torch.Tensor, level: int) -> torch.Tensor:
+        """Gene gi's mask at ``level`` from its dense rows: False at the ``_zeroed`` lowest
+        Wanda scores of each row, ties broken by the earlier column (the same bytes as
+        ranking each row, ``_row_ranks``, and zeroing the lowest ranks)."""
+        if self._zeroed(gi, level) == 0:
+            return torch.ones(dense.shape, dtype=torch.bool, device=dense.device)
+        cut = self._cuts[gi][level].to(dense.device)
+        return _kept(dense, self._norms[gi], cut, self._ties[gi].get(level))
 
     def _dense(self, gi: int) -> torch.Tensor:
         """Gene gi's dense weight as [out, in], on the model's device and in its dtype."""
@@ -233,13 +242,8 @@ class SparsitySpace(SearchSpace):
             for gi, level in enumerate(candidate):
                 if self._applied[gi] == level:
                     continue
-                if self._by_rank:
-                    keep = self._kept_from[gi] >= self._zeroed(gi, level)
-                elif self._packed:
-                    keep = _unpack(self._kept_from[gi], self._shapes[gi][1]) <= level
-                else:
-                    keep = self._kept_from[gi] <= level
-                self._write(gi, self._dense(gi), keep)
+                dense = self._dense(gi)
+                self._write(gi, dense, self._keep(gi, dense, level))
                 self._applied[gi] = level
 
     def cost_tables(self) -> dict[str, CostTable]:
@@ -294,26 +298,80 @@ class SparsitySpace(SearchSpace):
         return {"step": self.step, "max_sparsity": self.max_sparsity}
 
 
-def _pack(first: torch.Tensor) -> torch.Tensor:
-    """[out, in] values below 16 as [out, ceil(in / 2)] bytes: column 2j in the low four
-    bits, column 2j + 1 in the high four."""
-    if first.shape[1] % 2:
-        first = torch.nn.functional.pad(first, (0, 1))
-    return first[:, 0::2] | (first[:, 1::2] << 4)
+def _cuts(
+    score: torch.Tensor, order: torch.Tensor, zeroed: Sequence[int]
+) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per level (zeroing ``zeroed[level]`` weights a row) and row of ``score`` ([out, in],
+    ``order`` its stable argsort per row): the highest score zeroed ([levels, out]; -inf
+    where none is), and, for the levels where some row's next score equals it (ties that
+    the cut splits, which the stable order zeroes from the earlier column), those rows and
+    how many of the scores equal to the cut are zeroed."""
+    cuts = torch.full((len(zeroed), score.shape[0]), -math.inf, dtype=score.dtype)
+    ties: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for level, k in enumerate(zeroed):
+        if k == 0:
+            continue
+        cut = score.gather(1, order[:, k - 1 : k])
+        cuts[level] = cut[:, 0].cpu()
+        if k == score.shape[1]:
+            continue
+        split = (score.gather(1, order[:, k : k + 1]) == cut)[:, 0].nonzero()[:, 0]
+        if len(split):
+            below = (score[split] < cut[split]).sum(1)
+            ties[level] = (split, k - below)
+    return cuts, ties
 
 
-def _unpack(packed: torch.Tensor, columns: int) -> torch.Tensor:
-    """``_pack``'s input back, [out, columns]."""
-    both = torch.stack((packed & 15, packed >> 4), dim=-1)
-    return both.reshape(packed.shape[0], -1)[:, :columns]
+def _kept(
+    dense: torch.Tensor,
+    l2: torch.Tensor,
+    cut: torch.Tensor,
+    ties: tuple[torch.Tensor, torch.Tensor] | None,
+    block: int = 1 << 18,
+) -> torch.Tensor:
+    """The mask keeping the weights of ``dense`` ([out, in]) whose Wanda score |W_ij| *
+    ||X_j|| (``l2`` [in], or [experts, in] for stacked experts, whose rows are each expert's
+    in turn) is above their row's ``cut``; in the rows ``ties`` names, the scores equal to
+    the cut beyond the first ``short`` are kept too. Scores exist in float64 (as ranked) for
+    about ``block`` weights at a time: small enough to stay in cache, several times faster
+    than scoring a large weight at once."""
+    rows, cols = dense.shape
+    keep = torch.empty(dense.shape, dtype=torch.bool, device=dense.device)
+    l2 = l2.to(dense.device)
+    per = rows // len(l2) if l2.dim() == 2 else 0  # rows of each expert
+
+    def scores(index: torch.Tensor | slice) -> torch.Tensor:
+        s = dense[index].double()
+        s.abs_()
+        if not per:
+            return s.mul_(l2)
+        at = torch.arange(rows, device=dense.device)[index]
+        return s.mul_(l2[at // per])
+
+    step = max(1, block // cols)
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        torch.gt(scores(slice(r0, r1)), cut[r0:r1, None], out=keep[r0:r1])
+    if ties is not None:
+        split, short = ties
+        for i in range(0, len(split), step):
+            at, n = split[i : i + step].to(dense.device), short[i : i + step, None].to(dense.device)
+            s, c = scores(at), cut[at, None]
+            tied = s == c
+            keep[at] = ~((s < c) | (tied & (tied.cumsum(1) <= n)))
+    return keep
 
 
 def _row_ranks(score: torch.Tensor) -> torch.Tensor:
     """Each weight's rank within its row by score (ties: the earlier column first)."""
-    order = torch.argsort(score, dim=1, stable=True)
-    rank_dtype = torch.int16 if score.shape[1] < 2**15 else torch.int32
+    return _ranks(torch.argsort(score, dim=1, stable=True))
+
+
+def _ranks(order: torch.Tensor) -> torch.Tensor:
+    """Each weight's rank within its row from the row's (stable) argsort ``order``."""
+    rank_dtype = torch.int16 if order.shape[1] < 2**15 else torch.int32
     rank = torch.empty_like(order, dtype=rank_dtype)
-    cols = torch.arange(score.shape[1], device=score.device, dtype=rank_dtype)
+    cols = torch.arange(order.shape[1], device=order.device, dtype=rank_dtype)
     rank.scatter_(1, order, cols.expand_as(order).contiguous())
     return rank
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import spaces
-from searcher.fitness import Evaluator, FloatHead
+from searcher.fitness import SCORE_BYTES, Evaluator, FloatHead
 from searcher.pool import Job, LocalPool
 from tests.helpers import tiny_model
 
@@ -240,3 +240,85 @@ def test_half_precision_head_is_cast_a_block_at_a_time_to_the_same_scores() -> N
     fp32 = tiny_model("llama").get_output_embeddings()
     one = FloatHead(fp32)
     assert one.weight.data_ptr() == fp32.weight.data_ptr() and one.rows == fp32.weight.shape[0]
+
+
+CHUNKS = [1, 3, 7]  # SEQ (16) as 16 x 1, 5 x 3 + 1, 6 + 6 + 4
+PATHS = {
+    "hidden": {},
+    "probabilities": dict(hidden_reference=False),
+    "top_k": dict(hidden_reference=False, reference_bytes=0, top_k=8),
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_chunked_scores_equal_whole_window_scores_in_float32(setup, path: str) -> None:
+    """Logits, logsumexp, NLL and KL computed a few tokens at a time (chunks that do not
+    divide the window) give the scores of whole windows, for every kind of reference, and
+    the references themselves match."""
+    whole = evaluator(setup, chunk_tokens=SEQ, **PATHS[path])
+    assert whole.chunk_tokens == SEQ
+    for chunk in CHUNKS:
+        ev = evaluator(setup, chunk_tokens=chunk, **PATHS[path])
+        assert ev.chunk_tokens == chunk and ev.split_head == (path == "hidden")
+        np.testing.assert_allclose(
+            ev.dense_scores.nll, whole.dense_scores.nll, rtol=1e-6, atol=1e-6
+        )
+        for a, b in zip(ev.reference().summaries, whole.reference().summaries):
+            assert a.keys() == b.keys()
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6)
+        for c in setup.cands:
+            got, want = ev.score(c, 0, N_WINDOWS), whole.score(c, 0, N_WINDOWS)
+            np.testing.assert_allclose(got.kl, want.kl, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(got.nll, want.nll, rtol=1e-6, atol=1e-6)
+        part = ev.score(setup.cands[0], 2, 5)  # sub-ranges too
+        np.testing.assert_allclose(part.kl, whole.score(setup.cands[0], 2, 5).kl, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["hidden", "top_k"])
+def test_chunked_scores_equal_whole_window_scores_in_bfloat16(path: str) -> None:
+    """A bfloat16 model's LM head is cast a block of rows at a time for each chunk: the
+    scores are those of whole windows up to float noise, and the dense model still scores
+    zero KL."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    windows = torch.randint(0, model.config.vocab_size, (3, SEQ), generator=torch.Generator())
+    space = spaces.build("width", spaces.Structure.of(model), SEQ, windows)
+    cands = [(0,) * len(space.genes), tuple(n // 2 for n in space.n_levels)]
+
+    def build(chunk: int) -> Evaluator:
+        return Evaluator(
+            model, windows, space.apply, space.dense(), 2, chunk_tokens=chunk, **PATHS[path]
+        )
+
+    whole = build(SEQ)
+    for chunk in (3, 7):
+        ev = build(chunk)
+        np.testing.assert_allclose(ev.dense_scores.nll, whole.dense_scores.nll, atol=1e-5)
+        assert np.all(np.abs(ev.score(space.dense(), 0, 3).kl) < 1e-5)
+        for c in cands:
+            got, want = ev.score(c, 0, 3), whole.score(c, 0, 3)
+            assert np.all(want.kl > 1e-3)
+            np.testing.assert_allclose(got.kl, want.kl, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(got.nll, want.nll, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_exist_for_one_chunk_of_tokens_at_a_time(setup, monkeypatch) -> None:
+    """No batch of full-vocabulary float32 logits: the head is applied to at most
+    ``chunk_tokens`` tokens at once, in the dense pass and in scoring; by default a chunk's
+    logits are about ``SCORE_BYTES``."""
+    seen: list[int] = []
+    original = FloatHead.logits
+
+    def logits_of(self, hidden):
+        seen.append(hidden.shape[:-1].numel())
+        return original(self, hidden)
+
+    monkeypatch.setattr(FloatHead, "logits", logits_of)
+    ev = evaluator(setup, chunk_tokens=7, batch_size=4)
+    ev.score(setup.cands[0], 0, N_WINDOWS)
+    # each window of 16 tokens in as few chunks of at most 7 as fit, one size but the last
+    assert sorted(set(seen)) == [4, 6] and sum(seen) == 2 * N_WINDOWS * SEQ
+    vocab = setup.model.config.vocab_size
+    assert evaluator(setup).chunk_tokens == SCORE_BYTES // (4 * vocab)
+    with pytest.raises(ValueError):
+        evaluator(setup, chunk_tokens=0)

@@ -10,15 +10,29 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import searcher.heal as heal_module
+import spaces
 from searcher.cli import main
 from searcher.evaluate import evaluate
 from searcher.export import load_pruned
-from searcher.heal import HealSettings, distillation_loss, order
-from tests.helpers import logits
+from searcher.fitness import Evaluator
+from searcher.heal import (
+    HealSettings,
+    HeldOut,
+    Split,
+    Trainer,
+    chunked_distillation_loss,
+    distillation_loss,
+    order,
+    score,
+    shared_pruned,
+)
+from tests.helpers import logits, random_windows, tiny_model
 from tests.test_export_hf import load_without_searcher
 
 TINY = ["--seq-len", "32", "--importance-windows", "2", "--validation-windows", "2",
@@ -195,6 +209,45 @@ def test_heal_refuses_bad_input_in_one_line(runs, healed, tmp_path: Path, capsys
         assert err.startswith("searcher: error:") and "\n" not in err and words in err, err
 
 
+def test_heal_rebuilds_the_run_in_its_own_batches(runs, tmp_path: Path, monkeypatch) -> None:
+    """--batch-size is the heal's: the session (whose importance statistics pick the units)
+    is rebuilt with the run's batch size, else a near-tie can pick other units and refuse."""
+    import searcher.run
+
+    seen = []
+    rebuild = searcher.run.session_of_config
+
+    def spy(*args, **kwargs):
+        seen.append(args[5] if len(args) > 5 else kwargs.get("batch_size"))
+        return rebuild(*args, **kwargs)
+
+    monkeypatch.setattr(searcher.run, "session_of_config", spy)
+    flags = [*_flags(SETTINGS), "--batch-size", "2", "--steps", "2"]
+    assert main(["heal", str(runs["width"]), "--out", str(tmp_path / "h"), *flags]) == 0
+    assert seen == [None]
+    assert _heal_json(tmp_path / "h")["settings"]["batch_size"] == 2
+
+
+def test_checkpointed_heal_maps_activations_apart_while_training(
+    runs, tmp_path: Path, monkeypatch
+) -> None:
+    """With --gradient-checkpointing the heal trains under the lower mmap threshold and puts
+    the default back after training; the healed model is what the plain heal makes (the
+    same gradients: same held-out KL)."""
+    calls: list[int] = []
+    real = heal_module.return_large_buffers
+    monkeypatch.setattr(heal_module, "return_large_buffers", lambda t: calls.append(t) or real(t))
+    flags = [*_flags(SETTINGS), "--steps", "2", "--eval-every", "2"]
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    assert main(["heal", str(runs["width"]), "--out", str(plain), *flags]) == 0
+    assert calls == []
+    args = ["heal", str(runs["width"]), "--out", str(ckpt), *flags, "--gradient-checkpointing"]
+    assert main(args) == 0
+    assert calls == [heal_module.CHECKPOINTED_THRESHOLD, heal_module.THRESHOLD]
+    want, got = _heal_json(plain)["after"]["kl"], _heal_json(ckpt)["after"]["kl"]
+    assert got == pytest.approx(want, rel=1e-5)
+
+
 def test_resume_with_other_settings_is_refused(runs, tmp_path: Path, capsys) -> None:
     out = tmp_path / "h"
     assert _heal_process(runs["width"], out, kill_at=5).returncode == -9
@@ -233,3 +286,166 @@ def test_distillation_loss_is_kl_and_order_is_a_seeded_pass() -> None:
     s = HealSettings(steps=10, warmup=0.2, lr=1.0)
     assert [round(s.rate(i), 6) for i in (0, 1, 2)] == [0.5, 1.0, 1.0]
     assert s.rate(9) < 0.05 and s.rate(5) < s.rate(3)
+
+
+# a joint candidate of the tiny Llama: MLP and attention widths that differ from layer to layer,
+# layer 1 removed whole (both blocks), layer 0's attention kept at its narrowest
+JOINT = (1, 5, 0, 0, 3, 9)
+
+
+@pytest.fixture(scope="module")
+def pruned() -> tuple[torch.nn.Module, spaces.SearchSpace, torch.Tensor]:
+    """The tiny Llama (dense, the teacher), its joint space and windows of 13 tokens."""
+    teacher = tiny_model()
+    windows = random_windows(teacher, 6, 13)
+    space = spaces.build("joint", spaces.Structure.of(teacher), 13, windows)
+    assert all(0 <= g < n for g, n in zip(JOINT, space.n_levels, strict=True))
+    return teacher, space, windows
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 1e-5) -> None:
+    assert a.keys() == b.keys() and a
+    for n in a:
+        scale = float(a[n].abs().max()) or 1.0
+        assert float((a[n] - b[n]).abs().max()) <= tol * scale, n
+
+
+@pytest.mark.parametrize("head", ["trained", "frozen", "logits"])
+def test_chunked_loss_equals_the_whole_loss(pruned, head) -> None:
+    """Value and gradients of every student weight (the tied embedding/LM head included when
+    trained) match KL on whole logits, with a chunk that does not divide the 26 tokens."""
+    teacher, space, windows = pruned
+    student = space.materialize(JOINT).requires_grad_(True)
+    if head == "frozen":
+        student.get_output_embeddings().requires_grad_(False)
+    ids = windows[:2]
+    whole = distillation_loss(student(input_ids=ids).logits, logits(teacher, ids))
+    whole.backward()
+    want = _grads(student)
+    student.zero_grad(set_to_none=True)
+    s, t = Split(student, ids[:1, :5]), Split(teacher, ids[:1, :5])
+    assert s.weight is not None and t.weight is not None  # the Llama splits at its head
+    if head == "logits":  # a model that is not split: its logits are its features
+        s.weight = t.weight = None
+    with torch.no_grad():
+        target = t.features(ids).flatten(0, 1)
+    got = chunked_distillation_loss(s.features(ids).flatten(0, 1), target, s.head, t.head, 7)
+    got.backward()
+    assert got.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert ("model.embed_tokens.weight" in want) == (head != "frozen")
+    _close(want, _grads(student))
+
+
+def test_chunked_loss_is_accurate_on_a_large_vocabulary() -> None:
+    """Over SmolLM2's 49,152 tokens, with logits of up to about 20, the float32 loss stays
+    within 1e-5 of float64 (KL as sum p * (log p - log q), never as a difference of large
+    sums, and summed by torch's cascaded sum)."""
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g)
+    w, tw = torch.randn(49152, 8, generator=g) * 2, torch.randn(49152, 8, generator=g) * 2
+    got = chunked_distillation_loss(x, t, (w, None), (tw, None), 16)
+    logp, logq = (t.double() @ tw.double().T).log_softmax(-1), (x.double() @ w.double().T)
+    exact = (logp.exp() * (logp - logq.log_softmax(-1))).sum(-1).mean()
+    assert got.item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+def _trainer(student, teacher, windows, **settings) -> Trainer:
+    s = HealSettings(steps=3, batch_size=2, seq_len=13, lr=1e-2, warmup=0.0, **settings)
+    return Trainer(student, teacher, windows[:4], windows[4:], s)
+
+
+@pytest.mark.parametrize("lora", [None, 2])
+def test_gradient_checkpointing_gives_the_same_gradients(pruned, lora, monkeypatch) -> None:
+    """On layers of different widths and a removed layer, in full fine-tuning and LoRA: the
+    same gradients, and the same weights after three steps."""
+    monkeypatch.setattr(heal_module, "CHUNK_TOKENS", 7)  # 26 tokens a batch: 4 chunks
+    teacher, space, windows = pruned
+    plain, ckpt = (
+        _trainer(space.materialize(JOINT), teacher, windows, lora=lora, gradient_checkpointing=g)
+        for g in (False, True)
+    )
+    ids = windows[:2]
+    for t in (plain, ckpt):
+        t.loss(ids).backward()
+    _close(*(_grads(t.student) for t in (plain, ckpt)), 1e-6)
+    for t in (plain, ckpt):
+        t.optimizer.zero_grad(set_to_none=True)
+        for _ in range(3):
+            t.step()
+    assert plain.state.losses == pytest.approx(ckpt.state.losses, rel=1e-6)
+    _close(*({n: p.detach() for n, p in t.named} for t in (plain, ckpt)), 1e-6)
+    # undone when finished: the layers' own forward again
+    for layer in ckpt.finished().model.layers:
+        assert "forward" not in layer.__dict__
+
+
+def test_chunked_held_out_equals_the_full_reference(pruned, monkeypatch) -> None:
+    """KL and perplexity on held-out windows from the teacher's last hidden states match the
+    full-distribution reference (the fitness's Evaluator, as heal used before), and the dense
+    perplexity too; 6 windows in batches of 4 (one short batch), in chunks of 7 tokens."""
+    monkeypatch.setattr(heal_module, "CHUNK_TOKENS", 7)
+    teacher, space, windows = pruned
+    student = space.materialize(JOINT)
+    old = Evaluator(teacher, windows, lambda c: None, (), 4, hidden_reference=False)
+    assert old.top_k is None  # full distributions: exact
+    scores = Evaluator(student, windows, lambda c: None, (), 4, reference=old.reference())
+    want = scores.score((), 0, len(windows))
+    held = HeldOut(Split(teacher, windows[:1, :5]), windows, 4)
+    assert held.features[0].shape == (4, 13, teacher.config.hidden_size)  # not the vocabulary
+    got = score(student, held)
+    assert got["kl"] == pytest.approx(float(want.kl.mean()), rel=1e-5)
+    assert got["ppl"] == pytest.approx(float(np.exp(want.nll.mean())), rel=1e-5)
+    assert held.dense_nll == pytest.approx(old.dense_scores.nll, rel=1e-5)
+    # and both against float64 from whole logits: per token sum p (log p - log q), clamped
+    logp = logits(teacher, windows).double().log_softmax(-1)
+    logq = logits(student, windows).double().log_softmax(-1)
+    exact = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0).mean(1).mean()
+    assert got["kl"] == pytest.approx(float(exact), rel=1e-6)
+    assert score(teacher, held)["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lora_student_shares_the_dense_weights_and_leaves_them_alone(pruned) -> None:
+    """LoRA's frozen student holds the resident model's tensors (no copy), computes what the
+    materialised copy does, and merging writes new tensors: the dense model is unchanged."""
+    teacher, space, windows = pruned
+    dense = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    copied, shared = space.materialize(JOINT), shared_pruned(space, JOINT)
+    ids = windows[:2]
+    assert torch.allclose(logits(shared, ids), logits(copied, ids), atol=1e-6)
+    space.apply(JOINT)  # the resident model points at the candidate's tensors
+    owners = {p.untyped_storage().data_ptr() for p in teacher.parameters()}
+    space.apply(space.dense())
+    assert all(p.untyped_storage().data_ptr() in owners for p in shared.parameters())
+    trainer = _trainer(shared, teacher, windows, lora=2)
+    for _ in range(3):
+        trainer.step()
+    healed = trainer.finished()
+    assert not torch.allclose(logits(healed, ids), logits(copied, ids), atol=1e-4)  # trained
+    assert all(torch.equal(p, dense[n]) for n, p in teacher.named_parameters())
+    for p in healed.parameters():  # compact, as save_pruned and the exports expect
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+
+
+def test_no_batch_of_logits_is_kept_for_backward(pruned) -> None:
+    """Nothing autograd keeps for the backward pass of a step has the vocabulary as its last
+    dimension (a batch's logits or their log-softmax, for the KL, would)."""
+    teacher, space, windows = pruned
+    trainer = _trainer(space.materialize(JOINT), teacher, windows)
+    ids = windows[:4]
+    vocab = teacher.config.vocab_size
+    shapes: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.loss(ids).backward()
+    assert shapes and not [s for s in shapes if s[-1] == vocab]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # the test can fail
+        distillation_loss(trainer.student(input_ids=ids).logits, logits(teacher, ids))
+    assert (*ids.shape, vocab) in shapes

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import spaces
-from spaces.sparsity import _pack, _unpack
+from spaces.sparsity import _cuts, _kept, _row_ranks
 from tests.helpers import candidates, counted_flops, logits, random_windows, tiny_model
 
 SEQ = 32
@@ -227,16 +227,56 @@ def test_uniform_allocation_sits_exactly_at_the_budgeted_level(built, target: fl
     assert 1 - target - 0.02 < fraction <= 1 - target
 
 
-def test_first_kept_levels_are_packed_two_to_a_byte_on_the_default_grid(built) -> None:
-    """Up to 16 levels, each weight's first kept level takes half a byte (0.25x of float32
-    weights, 0.5x of bfloat16 ones, where one byte each was 0.5x), and packs back exactly,
-    odd widths included."""
+def test_masks_are_the_ranked_masks_and_the_space_keeps_nothing_per_weight(built) -> None:
+    """Masks are computed from the dense weights at each apply, against a cut per row and
+    level: byte for byte the masks of ranking each row (stable: ties by column) and zeroing
+    the lowest ranks, which were kept per weight before (half a byte each)."""
     space = built.space
-    assert len(space.sparsities) <= 16
-    for gi, packed in enumerate(space._kept_from):
-        rows, cols = space._shapes[gi]
-        assert packed.dtype == torch.uint8 and packed.shape == (rows, (cols + 1) // 2)
+    levels = len(space.sparsities)
+    weights = sum(r * c for r, c in space._shapes)
+    held = 0
+    for gi, (rows, cols) in enumerate(space._shapes):
+        assert space._cuts[gi].shape == (levels, rows) and space._norms[gi].shape == (cols,)
+        held += space._cuts[gi].numel() + cols
+        held += sum(len(split) + len(short) for split, short in space._ties[gi].values())
+    assert not any(
+        isinstance(v, torch.Tensor) and v.numel() >= weights for v in vars(space).values()
+    )
+    assert held < weights / 4
+    for c in candidates(space, seed=7, n=3)[1:]:
+        space.apply(c)
+        for gi, gene in enumerate(space.genes):
+            score = built.dense[gene.name].abs().double() * built.norms[gene.name][None, :]
+            k = space._zeroed(gi, c[gi])
+            kept = space._rows(gi) != 0
+            assert torch.equal(kept, _row_ranks(score) >= k), (gene.name, k)
+    space.apply(space.dense())
+
+
+@pytest.mark.parametrize("experts", [0, 3])
+def test_cut_masks_equal_ranked_masks_with_ties_and_any_block(experts: int) -> None:
+    """Ties (equal weights, equal or zero input norms) are zeroed from the earlier column, as
+    the stable ranking does, at every count of zeros and whatever rows a block of scores
+    spans; stacked experts' rows use their own expert's norms."""
     g = torch.Generator().manual_seed(0)
-    for cols in (1, 6, 7):
-        first = torch.randint(0, 16, (3, cols), generator=g, dtype=torch.uint8)
-        assert torch.equal(_unpack(_pack(first), cols), first)
+    rows, cols = 12, 11
+    for coarse in (False, True):
+        w = torch.randn(rows, cols, generator=g)
+        if coarse:  # few distinct values: many ties within a row
+            w = torch.randint(-2, 3, (rows, cols), generator=g).float()
+        w = w.to(torch.bfloat16)
+        l2 = torch.rand(experts or 1, cols, generator=g, dtype=torch.float64)
+        l2[:, 1:4] = 0.0
+        l2[:, 5:8] = 1.0
+        norms = l2.repeat_interleave(rows // experts, 0) if experts else l2
+        score = w.abs().double() * norms
+        order = torch.argsort(score, dim=1, stable=True)
+        rank = _row_ranks(score)
+        zeroed = list(range(cols + 1))
+        cuts, ties = _cuts(score, order, zeroed)
+        assert cuts.shape == (cols + 1, rows) and ties  # the cut splits ties somewhere
+        for k in zeroed[1:]:
+            for block in (1, 25, 1 << 20):  # one row, rows not dividing the weight, all
+                got = _kept(w, l2 if experts else l2[0], cuts[k], ties.get(k), block)
+                assert torch.equal(got, rank >= k), (coarse, k, block)
+                assert int((~got).sum()) == k * rows

@@ -224,8 +224,8 @@ def anchor_offset(
     ``(raw + c) / (raw_anchor + c)``, in relative error; 0 with fewer than two models whose
     raw sums differ from the anchor's. ``c`` lies between ``-fixed_ms`` (the fixed parts
     counted twice) and ``raw_anchor`` (a fixed cost as large as the whole sum), searched on a
-    grid then refined: the error is smooth in ``c`` and the bounds keep noise from making it
-    unbounded."""
+    grid then refined to float precision: the error is smooth in ``c`` and the bounds keep
+    noise from making it unbounded."""
     shares = measured / measured_anchor
     useful = np.abs(raw - raw_anchor) > 0.02 * raw_anchor
     if int(useful.sum()) < 2:
@@ -237,7 +237,9 @@ def anchor_offset(
         return np.mean((predicted / s[None, :] - 1.0) ** 2, axis=1)
 
     lo, hi = -0.99 * fixed_ms, raw_anchor
-    for _ in range(3):  # a grid, then finer grids around its best point
+    # a grid, then finer grids around its best point: each round narrows the step 100-fold,
+    # so that shares that need no constant get one of float noise, not of the grid's step
+    for _ in range(8):
         grid = np.linspace(lo, hi, 201)
         best = int(np.argmin(error(grid)))
         step = grid[1] - grid[0]

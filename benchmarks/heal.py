@@ -143,7 +143,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def memory(args: argparse.Namespace) -> None:
     """``--memory``: peak RSS of ``searcher heal`` per model and case (see the docstring)."""
-    from memory import build, peak_rss  # benchmarks/memory.py: its model, its measurement
+    from memory import (
+        build,
+        peak_rss,
+        runtime_rss,
+    )  # benchmarks/memory.py: its model, its measurement
 
     from searcher.models import load
 
@@ -167,10 +171,7 @@ def memory(args: argparse.Namespace) -> None:
         if not (big / "weight_bytes").is_file():
             (big / "weight_bytes").write_text(str(build(big)))
         weights["random427m"] = int((big / "weight_bytes").read_text())
-    python = sys.executable
-    bare = ["-c", "import searcher.run, transformers; from searcher.models import load; "
-            f"transformers.AutoTokenizer.from_pretrained({str(tokenizer)!r})"]  # fmt: skip
-    runtime = peak_rss([python, *bare])[0]
+    runtime = runtime_rss(tokenizer)[0]
     for model in args.models.split(","):
         flags = [] if model == "embedded" else ["--model", str(big)]
         for case in cases:

@@ -71,6 +71,17 @@ def peak_rss(command: list[str]) -> tuple[int, float]:
     return kb * 1024, hours * 3600 + minutes * 60 + seconds
 
 
+def runtime_rss(tokenizer: Path) -> tuple[int, float]:
+    """Peak RSS (bytes) and wall seconds of ``runtime``: Python with searcher, torch and
+    transformers imported and the tokenizer in ``tokenizer`` loaded, no weights; what every
+    peak is reported above."""
+    code = (
+        "import searcher.run, transformers; from searcher.models import load; "
+        f"transformers.AutoTokenizer.from_pretrained({str(tokenizer)!r})"
+    )
+    return peak_rss([sys.executable, "-c", code])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spaces", default="width,depth,sparsity,joint")
@@ -84,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         weights = build(model, args.dtype)
         python = sys.executable
         rows = {}
-        bare = ["-c", "import searcher.run, transformers; from searcher.models import load; "
-                f"transformers.AutoTokenizer.from_pretrained({str(model)!r})"]  # fmt: skip
-        rows["runtime"] = peak_rss([python, *bare])
+        rows["runtime"] = runtime_rss(model)
         load = ["-c", "from searcher.models import load; import sys; "
                 f"load({str(model)!r}, 'cpu', {args.dtype!r}, False)"]  # fmt: skip
         rows["load"] = peak_rss([python, *load])
